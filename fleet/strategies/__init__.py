@@ -1,0 +1,1 @@
+"""Server strategies: each configures a round and aggregates; the loop lives in ``fleet.runner``."""
