@@ -1,0 +1,7 @@
+"""``python -m device`` is ``fleet-device``."""
+
+import sys
+
+from device.cli import main
+
+sys.exit(main())
