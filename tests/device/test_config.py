@@ -1,0 +1,87 @@
+"""Config files: a typo or a wrong type must point at the file, the line and the field."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import pytest
+
+from device.config import from_mapping, load
+from device.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class Training:
+    lr: float = 0.01
+    epochs: int = 1
+
+
+@dataclass(frozen=True)
+class Run:
+    name: str
+    strategy: Literal["fedavg", "feddst"] = "fedavg"
+    training: Training = field(default_factory=Training)
+    tags: tuple[str, ...] = ()
+    data_dir: Path | None = None
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "run.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_valid_file_builds_nested_dataclasses(tmp_path: Path) -> None:
+    path = write(
+        tmp_path, "name: a\nstrategy: feddst\ntraining:\n  lr: 1\ntags: [x, y]\ndata_dir: data\n"
+    )
+    run = load(path, Run)
+    assert run == Run(
+        name="a",
+        strategy="feddst",
+        training=Training(lr=1.0),
+        tags=("x", "y"),
+        data_dir=tmp_path / "data",
+    )
+
+
+def test_wrong_type_names_file_line_and_field(tmp_path: Path) -> None:
+    path = write(tmp_path, "name: a\ntraining:\n  epochs: 2\n  lr: fast\n")
+    with pytest.raises(ConfigError, match=r"run\.yaml:4: training\.lr: expected a number"):
+        load(path, Run)
+
+
+def test_unknown_key_is_an_error_not_a_silent_default(tmp_path: Path) -> None:
+    path = write(tmp_path, "name: a\ntraning:\n  lr: 0.1\n")
+    with pytest.raises(ConfigError, match=r"run\.yaml:2: traning: unknown setting; known: "):
+        load(path, Run)
+
+
+def test_literal_lists_the_allowed_values(tmp_path: Path) -> None:
+    path = write(tmp_path, "name: a\nstrategy: fedsgd\n")
+    with pytest.raises(ConfigError, match=r":2: strategy: expected one of 'fedavg', 'feddst'"):
+        load(path, Run)
+
+
+def test_missing_required_setting(tmp_path: Path) -> None:
+    path = write(tmp_path, "strategy: feddst\n")
+    with pytest.raises(ConfigError, match=r"name: required setting is missing"):
+        load(path, Run)
+
+
+def test_invalid_yaml_reports_the_line(tmp_path: Path) -> None:
+    path = write(tmp_path, "name: a\ntraining: [1, 2\n")
+    with pytest.raises(ConfigError, match=r"run\.yaml:\d+: not valid YAML"):
+        load(path, Run)
+
+
+def test_missing_file(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="no such file"):
+        load(tmp_path / "nope.yaml", Run)
+
+
+def test_bool_is_not_an_integer() -> None:
+    with pytest.raises(ConfigError, match=r"training\.epochs: expected an integer, got True"):
+        from_mapping({"name": "a", "training": {"epochs": True}}, Run)
