@@ -1,0 +1,203 @@
+"""Prune-and-regrow invariants (RigL/SET update) and the FedDST schedule."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from device.errors import ConfigError
+from device.sparse.policies import (
+    drop_scores_magnitude,
+    grow_scores_gradient,
+    grow_scores_random,
+    n_to_readjust,
+    readjust_mask,
+    zero_entries,
+)
+from device.sparse.schedule import ConstantAlpha, CosineAlpha, FedDSTSchedule
+
+torch.set_num_threads(1)
+
+
+@st.composite
+def layers(draw: st.DrawFn) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
+    """A random mask, weight and gradient of one layer, and a requested n (possibly too big).
+
+    Scores come from a small integer range so that ties are frequent.
+    """
+    rows = draw(st.integers(1, 8))
+    cols = draw(st.integers(1, 8))
+    seed = draw(st.integers(0, 2**31))
+    g = torch.Generator().manual_seed(seed)
+    mask = torch.rand(rows, cols, generator=g) < draw(st.floats(0.0, 1.0))
+    weight = torch.randint(-3, 4, (rows, cols), generator=g).float() * mask
+    grad = torch.randint(-3, 4, (rows, cols), generator=g).float()
+    n = draw(st.integers(0, rows * cols + 2))
+    return mask, weight, grad, n
+
+
+@given(layers())
+@settings(max_examples=300, deadline=None)
+def test_readjust_keeps_nnz_and_its_sets_are_disjoint_and_well_placed(
+    layer: tuple[torch.Tensor, torch.Tensor, torch.Tensor, int],
+) -> None:
+    """The density budget survives every readjustment: as many grow as drop, from the right sets."""
+    mask, weight, grad, n = layer
+    result = readjust_mask(mask, drop_scores_magnitude(weight), grow_scores_gradient(grad), n)
+    active = int(mask.sum())
+    expected_n = min(n, active, mask.numel() - active)
+    assert int(result.new_mask.sum()) == active
+    assert int(result.dropped.sum()) == int(result.grown.sum()) == expected_n
+    assert not (result.dropped & result.grown).any()
+    assert not (result.dropped & ~mask).any(), "only active entries can be dropped"
+    assert not (result.grown & mask).any(), "only entries inactive before the drop can grow"
+    assert torch.equal(result.new_mask, (mask & ~result.dropped) | result.grown)
+
+
+@given(layers())
+@settings(max_examples=300, deadline=None)
+def test_readjust_drops_the_smallest_magnitudes_and_grows_the_largest_gradients(
+    layer: tuple[torch.Tensor, torch.Tensor, torch.Tensor, int],
+) -> None:
+    """RigL's rule: no surviving active weight is smaller than a dropped one, and no inactive
+    entry left behind has a larger gradient than a grown one."""
+    mask, weight, grad, n = layer
+    result = readjust_mask(mask, drop_scores_magnitude(weight), grow_scores_gradient(grad), n)
+    survivors = mask & ~result.dropped
+    if result.dropped.any() and survivors.any():
+        assert weight.abs()[result.dropped].max() <= weight.abs()[survivors].min()
+    left_out = ~mask & ~result.grown
+    if result.grown.any() and left_out.any():
+        assert grad.abs()[result.grown].min() >= grad.abs()[left_out].max()
+
+
+def test_nothing_grows_where_it_was_just_dropped() -> None:
+    """A just-dropped weight with the largest gradient must not come straight back."""
+    mask = torch.tensor([True, True, False, False])
+    weight = torch.tensor([0.1, 5.0, 0.0, 0.0])
+    grad = torch.tensor([100.0, 0.0, 1.0, 2.0])
+    result = readjust_mask(mask, drop_scores_magnitude(weight), grow_scores_gradient(grad), 1)
+    assert result.dropped.tolist() == [True, False, False, False]
+    assert result.grown.tolist() == [False, False, False, True]
+
+
+@pytest.mark.parametrize(
+    ("mask", "expected"),
+    [([True, True, True], 0), ([False, False, False], 0), ([True, False, False], 1)],
+)
+def test_n_is_clipped_by_the_active_and_inactive_counts(mask: list[bool], expected: int) -> None:
+    """A full or empty layer has nothing to swap; the request must not break the count."""
+    m = torch.tensor(mask)
+    result = readjust_mask(m, torch.ones(3), torch.ones(3), 5)
+    assert int(result.grown.sum()) == int(result.dropped.sum()) == expected
+    assert int(result.new_mask.sum()) == int(m.sum())
+
+
+def test_an_infinite_weight_never_lets_an_inactive_entry_be_dropped() -> None:
+    """Selection is among the active indices, not by sentinel scores that an inf could tie."""
+    mask = torch.tensor([False, True, True])
+    weight = torch.tensor([0.0, float("inf"), float("inf")])
+    result = readjust_mask(mask, weight.abs(), torch.tensor([1.0, 0.0, 0.0]), 1)
+    assert result.dropped.tolist() == [False, True, False]
+    assert result.grown.tolist() == [True, False, False]
+
+
+def test_readjust_rejects_mismatched_shapes_and_negative_n() -> None:
+    """Scores for another layer, or a negative count, are caller bugs reported by name."""
+    mask = torch.ones(2, 2, dtype=torch.bool)
+    with pytest.raises(ConfigError, match="same shape"):
+        readjust_mask(mask, torch.ones(4), torch.ones(2, 2), 1)
+    with pytest.raises(ConfigError, match=">= 0"):
+        readjust_mask(mask, torch.ones(2, 2), torch.ones(2, 2), -1)
+
+
+def test_zero_entries_starts_grown_weights_and_momentum_at_zero() -> None:
+    """Grown weights start at zero in the weight and the momentum, other entries untouched."""
+    weight = torch.nn.Parameter(torch.tensor([1.0, 2.0, 3.0]))
+    momentum = torch.tensor([4.0, 5.0, 6.0])
+    zero_entries(torch.tensor([False, True, False]), weight, momentum, None)
+    assert weight.tolist() == [1.0, 0.0, 3.0]
+    assert momentum.tolist() == [4.0, 0.0, 6.0]
+
+
+def test_random_grow_scores_are_reproducible_from_the_generator() -> None:
+    """SET's random growth must be replayable from the round's seed."""
+    a = grow_scores_random((3, 4), torch.Generator().manual_seed(7))
+    b = grow_scores_random((3, 4), torch.Generator().manual_seed(7))
+    c = grow_scores_random((3, 4), torch.Generator().manual_seed(8))
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    assert a.shape == (3, 4) and bool(((a >= 0) & (a < 1)).all())
+
+
+@pytest.mark.parametrize(("alpha", "active", "n"), [(0.3, 10, 3), (0.0, 10, 0), (1.0, 7, 7)])
+def test_n_to_readjust_is_alpha_times_nnz(alpha: float, active: int, n: int) -> None:
+    """FedDST swaps round(alpha_r * nnz_l) entries per layer."""
+    assert n_to_readjust(alpha, active) == n
+
+
+def test_n_to_readjust_refuses_alpha_outside_zero_one() -> None:
+    with pytest.raises(ConfigError, match="alpha"):
+        n_to_readjust(1.5, 10)
+
+
+# --- schedule ------------------------------------------------------------------------------
+
+
+def test_cosine_alpha_follows_the_formula_and_ends_at_zero() -> None:
+    """alpha_r = alpha/2 (1 + cos(pi r / T_end)); held at 0 from T_end on, not rising again."""
+    schedule = CosineAlpha(0.4, 100)
+    for r in (0, 1, 25, 50, 99):
+        assert schedule(r) == pytest.approx(0.2 * (1 + math.cos(math.pi * r / 100)))
+    assert schedule(0) == pytest.approx(0.4)
+    assert schedule(50) == pytest.approx(0.2)
+    assert schedule(100) == 0.0
+    assert schedule(150) == 0.0
+
+
+def test_constant_alpha_is_constant() -> None:
+    assert ConstantAlpha(0.05)(1) == ConstantAlpha(0.05)(500) == 0.05
+
+
+def test_feddst_schedule_readjusts_on_rounds_one_plus_multiples_of_r_adj_before_t_end() -> None:
+    """Rounds 1, 1+R_adj, ... strictly before T_end, as in FedDST."""
+    schedule = FedDSTSchedule(CosineAlpha(0.05, 20), readjust_every=5, t_end=20)
+    assert [r for r in range(0, 40) if schedule.is_readjust_round(r)] == [1, 6, 11, 16]
+    assert schedule.alpha(6) == CosineAlpha(0.05, 20)(6)
+
+
+def test_feddst_schedule_can_start_later() -> None:
+    schedule = FedDSTSchedule(ConstantAlpha(0.1), readjust_every=3, t_end=12, first_round=4)
+    assert [r for r in range(0, 20) if schedule.is_readjust_round(r)] == [4, 7, 10]
+
+
+@pytest.mark.parametrize(
+    "build",
+    [
+        lambda: CosineAlpha(1.5, 10),
+        lambda: CosineAlpha(0.1, 0),
+        lambda: ConstantAlpha(-0.1),
+        lambda: FedDSTSchedule(ConstantAlpha(0.1), readjust_every=0, t_end=10),
+        lambda: FedDSTSchedule(ConstantAlpha(0.1), readjust_every=1, t_end=10, first_round=0),
+    ],
+)
+def test_schedules_refuse_impossible_settings(build: Callable[[], object]) -> None:
+    """A schedule that can never be right is a configuration error when it is built."""
+    with pytest.raises(ConfigError):
+        build()
+
+
+def test_readjust_result_unpacks_as_new_mask_dropped_grown() -> None:
+    """Callers may unpack the result positionally, in the documented order."""
+    new_mask, dropped, grown = readjust_mask(
+        torch.tensor([True, False]), torch.ones(2), torch.ones(2), 1
+    )
+    assert (new_mask.tolist(), dropped.tolist(), grown.tolist()) == (
+        [False, True],
+        [True, False],
+        [False, True],
+    )
