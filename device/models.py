@@ -1,0 +1,280 @@
+"""The model registry: name -> ``nn.Module`` factory, with each model's input shape and classes.
+
+Every model returns logits (no softmax inside); the loss applies log-softmax itself. Layers are
+registered in the order the forward pass uses them, so ``state_dict`` order and
+:func:`prunable_names` order are the model's order (first layer first). Masks live outside the
+model, keyed by the ``state_dict`` names returned by :func:`prunable_names`
+(DESIGN section 6); nothing here knows about masks.
+
+Parameter counts, pinned by the tests:
+
+============  ===========  ============  =====================================================
+name          input        classes       parameters
+============  ===========  ============  =====================================================
+mnist_cnn     1 x 28 x 28  10            261,840 (FedDST's MNIST network)
+femnist_cnn   1 x 28 x 28  62            6,603,710 (PruneFL's Conv2)
+cifar_cnn     3 x 32 x 32  10            782,006 (FedDST's CIFAR-10 network)
+mlp           1 x 8 x 8    10            4,810 (64 -> 64 -> 10, for scikit-learn's digits)
+============  ===========  ============  =====================================================
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = [
+    "MLP",
+    "MODELS",
+    "CifarCNN",
+    "FemnistCNN",
+    "MnistCNN",
+    "ModelSpec",
+    "create_model",
+    "model_names",
+    "model_spec",
+    "num_parameters",
+    "prunable_names",
+]
+
+
+class MnistCNN(nn.Module):
+    """FedDST's MNIST network (261,840 parameters); input ``[N, 1, 28, 28]``, 10 logits.
+
+    conv 1->10 5x5, max-pool 3 stride 1, ReLU, conv 10->20 5x5, max-pool 3 stride 1, ReLU,
+    linear 5120->50, ReLU, linear 50->10. Spatially 28 -> 24 -> 22 -> 18 -> 16, so the flattened
+    feature map is 20 x 16 x 16 = 5120.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(1, 10, 5)
+        self.conv2 = nn.Conv2d(10, 20, 5)
+        self.fc1 = nn.Linear(20 * 16 * 16, 50)
+        self.fc2 = nn.Linear(50, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.relu(F.max_pool2d(self.conv1(x), 3, stride=1))
+        x = F.relu(F.max_pool2d(self.conv2(x), 3, stride=1))
+        x = F.relu(self.fc1(torch.flatten(x, 1)))
+        logits: torch.Tensor = self.fc2(x)
+        return logits
+
+
+class FemnistCNN(nn.Module):
+    """PruneFL's Conv2 for FEMNIST (6,603,710 parameters); input ``[N, 1, 28, 28]``, 62 logits.
+
+    conv 1->32 5x5 pad 2, ReLU, max-pool 2, conv 32->64 5x5 pad 2, ReLU, max-pool 2,
+    linear 3136->2048, ReLU, linear 2048->62. Spatially 28 -> 14 -> 7: 64 x 7 x 7 = 3136.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(1, 32, 5, padding=2)
+        self.conv2 = nn.Conv2d(32, 64, 5, padding=2)
+        self.fc1 = nn.Linear(64 * 7 * 7, 2048)
+        self.fc2 = nn.Linear(2048, 62)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.max_pool2d(F.relu(self.conv1(x)), 2)
+        x = F.max_pool2d(F.relu(self.conv2(x)), 2)
+        x = F.relu(self.fc1(torch.flatten(x, 1)))
+        logits: torch.Tensor = self.fc2(x)
+        return logits
+
+
+class CifarCNN(nn.Module):
+    """FedDST's CIFAR-10 network (782,006 parameters); input ``[N, 3, 32, 32]``, 10 logits.
+
+    conv 3->6 5x5, max-pool 3 stride 1, ReLU, conv 6->16 5x5, max-pool 3 stride 1, ReLU (the
+    MNIST network's pooling), linear 6400->120, ReLU, linear 120->84, ReLU, linear 84->10.
+    Spatially 32 -> 28 -> 26 -> 22 -> 20: 16 x 20 x 20 = 6400.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 6, 5)
+        self.conv2 = nn.Conv2d(6, 16, 5)
+        self.fc1 = nn.Linear(16 * 20 * 20, 120)
+        self.fc2 = nn.Linear(120, 84)
+        self.fc3 = nn.Linear(84, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.relu(F.max_pool2d(self.conv1(x), 3, stride=1))
+        x = F.relu(F.max_pool2d(self.conv2(x), 3, stride=1))
+        x = F.relu(self.fc1(torch.flatten(x, 1)))
+        x = F.relu(self.fc2(x))
+        logits: torch.Tensor = self.fc3(x)
+        return logits
+
+
+class MLP(nn.Module):
+    """One hidden layer with ReLU: ``in_features -> hidden -> out_features`` logits.
+
+    The input is flattened from dimension 1 on, so ``[N, 1, 8, 8]`` digits images and their
+    flattened ``[N, 64]`` form give the same result. Defaults fit scikit-learn's 8x8 digits
+    (64 -> 64 -> 10, 4,810 parameters).
+    """
+
+    def __init__(self, in_features: int = 64, hidden: int = 64, out_features: int = 10) -> None:
+        super().__init__()
+        for field, value in (("in_features", in_features), ("hidden", hidden)):
+            if value < 1:
+                raise ValueError(f"mlp: {field} must be at least 1, got {value}")
+        if out_features < 2:
+            raise ValueError(f"mlp: out_features must be at least 2 classes, got {out_features}")
+        self.fc1 = nn.Linear(in_features, hidden)
+        self.fc2 = nn.Linear(hidden, out_features)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.relu(self.fc1(torch.flatten(x, 1)))
+        logits: torch.Tensor = self.fc2(x)
+        return logits
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """What a registered model expects and produces (with its default constructor arguments).
+
+    Attributes:
+        name: the registry name.
+        input_shape: shape of one example, without the batch dimension, e.g. ``(1, 28, 28)``.
+        num_classes: number of logits the model returns per example.
+    """
+
+    name: str
+    input_shape: tuple[int, ...]
+    num_classes: int
+
+
+#: name -> factory; every factory returns a freshly initialised model (keyword arguments only
+#: where the model has options, e.g. ``mlp``'s ``hidden``).
+MODELS: dict[str, Callable[..., nn.Module]] = {
+    "mnist_cnn": MnistCNN,
+    "femnist_cnn": FemnistCNN,
+    "cifar_cnn": CifarCNN,
+    "mlp": MLP,
+}
+
+_SPECS: dict[str, ModelSpec] = {
+    "mnist_cnn": ModelSpec("mnist_cnn", (1, 28, 28), 10),
+    "femnist_cnn": ModelSpec("femnist_cnn", (1, 28, 28), 62),
+    "cifar_cnn": ModelSpec("cifar_cnn", (3, 32, 32), 10),
+    "mlp": ModelSpec("mlp", (1, 8, 8), 10),
+}
+
+
+def model_names() -> list[str]:
+    """The registered model names, sorted."""
+    return sorted(MODELS)
+
+
+def _unknown(name: str) -> ValueError:
+    return ValueError(f"unknown model {name!r}; known: {', '.join(model_names())}")
+
+
+def model_spec(name: str) -> ModelSpec:
+    """Input shape and number of classes of model ``name`` (with its default arguments).
+
+    Raises:
+        ValueError: ``name`` is not registered (the message lists the known names).
+    """
+    if name not in _SPECS:
+        raise _unknown(name)
+    return _SPECS[name]
+
+
+def create_model(name: str, *, seed: int | None = None, **kwargs: Any) -> nn.Module:
+    """A new model ``name``, with its parameters initialised as PyTorch initialises them.
+
+    With ``seed`` set, the initial weights are a pure function of (name, kwargs, seed): the
+    model is built on the ``meta`` device (which draws no random numbers) and then initialised
+    from a private ``torch.Generator``, so the global RNG state is neither read nor changed and
+    concurrent callers in other threads cannot disturb each other. With ``seed=None`` the
+    global RNG is used, as plain ``nn.Module`` construction does.
+
+    Args:
+        name: a registered name (see :func:`model_names`).
+        seed: an integer in ``[0, 2**64)``, e.g. from :func:`device.seeding.derive_seed`.
+        kwargs: passed to the factory (e.g. ``hidden=32`` for ``mlp``).
+
+    Raises:
+        ValueError: ``name`` is not registered (the message lists the known names), or the
+            factory refuses its arguments.
+    """
+    if name not in MODELS:
+        raise _unknown(name)
+    factory = MODELS[name]
+    if seed is None:
+        return factory(**kwargs)
+    generator = torch.Generator(device="cpu")
+    generator.manual_seed(seed)
+    with torch.device("meta"):
+        model = factory(**kwargs)
+    model = model.to_empty(device="cpu")
+    _initialise(model, generator)
+    return model
+
+
+def _initialise(model: nn.Module, generator: torch.Generator) -> None:
+    """PyTorch's default initialisation of every layer of ``model``, drawn from ``generator``.
+
+    Mirrors ``reset_parameters`` of ``nn.Linear`` and ``nn.Conv*``: weight ~ kaiming_uniform
+    with ``a = sqrt(5)`` (i.e. U(-1/sqrt(fan_in), 1/sqrt(fan_in))), bias ~ U(-1/sqrt(fan_in),
+    1/sqrt(fan_in)). Layers are visited in registration order, so the draws are reproducible.
+    Normalisation layers are reset deterministically (ones, zeros, fresh running statistics).
+    """
+    for module_name, module in model.named_modules():
+        if isinstance(module, nn.Linear | nn.modules.conv._ConvNd):
+            nn.init.kaiming_uniform_(module.weight, a=math.sqrt(5), generator=generator)
+            if module.bias is not None:
+                fan_in, _ = nn.init._calculate_fan_in_and_fan_out(module.weight)
+                bound = 1.0 / math.sqrt(fan_in) if fan_in > 0 else 0.0
+                nn.init.uniform_(module.bias, -bound, bound, generator=generator)
+        elif isinstance(module, nn.modules.batchnorm._NormBase | nn.LayerNorm | nn.GroupNorm):
+            module.reset_parameters()  # deterministic: no random draws
+        elif any(True for _ in module.parameters(recurse=False)) or any(
+            True for _ in module.buffers(recurse=False)
+        ):
+            # A new layer type must say how it is initialised, or its seeded weights would be
+            # whatever memory to_empty() left behind.
+            raise TypeError(
+                f"create_model(seed=...) cannot initialise layer {module_name!r} of type "
+                f"{type(module).__name__}; add it to device.models._initialise"
+            )
+
+
+def num_parameters(model: nn.Module) -> int:
+    """Total number of parameter elements (weights and biases, trainable or not)."""
+    return sum(p.numel() for p in model.parameters())
+
+
+def prunable_names(
+    model: nn.Module, *, include_first: bool = True, include_last: bool = True
+) -> list[str]:
+    """The ``state_dict`` names of the weights that masks may prune, first layer first.
+
+    Every convolution and linear layer's ``weight`` is prunable; biases and normalisation layers
+    stay dense (DESIGN section 6). ``include_first=False`` leaves the first such layer dense and
+    ``include_last=False`` the last one (some papers keep the input and output layers dense).
+    The order is registration order, which for the registered models is the forward order.
+    """
+    names = [
+        f"{module_name}.weight" if module_name else "weight"
+        for module_name, module in model.named_modules()
+        if isinstance(module, nn.Linear | nn.modules.conv._ConvNd)
+    ]
+    if not names:
+        return []
+    first, last = names[0], names[-1]
+    return [
+        n
+        for n in names
+        if not (n == first and not include_first) and not (n == last and not include_last)
+    ]
