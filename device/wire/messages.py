@@ -99,6 +99,10 @@ class InitialPruneCommand:
     stable_count: int = 5
     deadline_unix_s: float = 0.0
     partition: str = ""
+    # PruneFL's time model, computed by the server from this device's profile:
+    cost_per_param_s: Mapping[str, float] = field(default_factory=dict)  # c_l per pruned tensor
+    fixed_cost_s: float = 0.0  # c_0
+    protect_fraction: float = 0.3  # d
 
 
 @dataclass(frozen=True)

@@ -191,6 +191,9 @@ class InitialJob:
     max_reconfigs: int
     stable_change: float
     stable_count: int
+    cost_per_param_s: Mapping[str, float] = field(default_factory=dict)  # c_l, this device
+    fixed_cost_s: float = 0.0  # c_0, this device
+    protect_fraction: float = 0.3
 
     def command(
         self, model_digest: bytes, *, deadline_unix_s: float = 0.0, partition: str = ""
@@ -205,6 +208,9 @@ class InitialJob:
             stable_count=self.stable_count,
             deadline_unix_s=deadline_unix_s,
             partition=partition,
+            cost_per_param_s=dict(self.cost_per_param_s),
+            fixed_cost_s=self.fixed_cost_s,
+            protect_fraction=self.protect_fraction,
         )
 
 

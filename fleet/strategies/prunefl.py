@@ -319,6 +319,13 @@ class PruneFL:
             return None
         device = self._initial_device(candidates)
         o = self.options
+        chosen = next((c for c in candidates if c.device_id == device), None)
+        cost = cost_model(
+            [(chosen.profile if chosen else None, max(1, chosen.num_examples if chosen else 1))],
+            {n: w.shape for n, w in model.weights.items()},
+            list(model.masks),
+            o,
+        )
         return InitialJob(
             device_id=device,
             model_version=model.version,
@@ -327,6 +334,9 @@ class PruneFL:
             max_reconfigs=o.max_reconfigs,
             stable_change=o.stable_change,
             stable_count=o.stable_count,
+            cost_per_param_s=dict(cost.per_param),
+            fixed_cost_s=cost.c0,
+            protect_fraction=o.protect_fraction,
         )
 
     def _initial_device(self, candidates: Sequence[Candidate]) -> str:

@@ -202,7 +202,14 @@ class RoundCommand(_message.Message):
     def __init__(self, model_version: _Optional[int] = ..., model_digest: _Optional[bytes] = ..., training: _Optional[_Union[LocalTraining, _Mapping]] = ..., readjust: _Optional[_Union[Readjust, _Mapping]] = ..., report_importance: _Optional[bool] = ..., upload_dtype: _Optional[_Union[ValueDType, str]] = ..., deadline_unix_s: _Optional[float] = ..., partition: _Optional[str] = ...) -> None: ...
 
 class InitialPruneCommand(_message.Message):
-    __slots__ = ("model_version", "model_digest", "training", "rounds_per_reconfig", "max_reconfigs", "stable_change", "stable_count", "deadline_unix_s", "partition")
+    __slots__ = ("model_version", "model_digest", "training", "rounds_per_reconfig", "max_reconfigs", "stable_change", "stable_count", "deadline_unix_s", "partition", "cost_per_param_s", "fixed_cost_s", "protect_fraction")
+    class CostPerParamSEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: float
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
     MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
     MODEL_DIGEST_FIELD_NUMBER: _ClassVar[int]
     TRAINING_FIELD_NUMBER: _ClassVar[int]
@@ -212,6 +219,9 @@ class InitialPruneCommand(_message.Message):
     STABLE_COUNT_FIELD_NUMBER: _ClassVar[int]
     DEADLINE_UNIX_S_FIELD_NUMBER: _ClassVar[int]
     PARTITION_FIELD_NUMBER: _ClassVar[int]
+    COST_PER_PARAM_S_FIELD_NUMBER: _ClassVar[int]
+    FIXED_COST_S_FIELD_NUMBER: _ClassVar[int]
+    PROTECT_FRACTION_FIELD_NUMBER: _ClassVar[int]
     model_version: int
     model_digest: bytes
     training: LocalTraining
@@ -221,7 +231,10 @@ class InitialPruneCommand(_message.Message):
     stable_count: int
     deadline_unix_s: float
     partition: str
-    def __init__(self, model_version: _Optional[int] = ..., model_digest: _Optional[bytes] = ..., training: _Optional[_Union[LocalTraining, _Mapping]] = ..., rounds_per_reconfig: _Optional[int] = ..., max_reconfigs: _Optional[int] = ..., stable_change: _Optional[float] = ..., stable_count: _Optional[int] = ..., deadline_unix_s: _Optional[float] = ..., partition: _Optional[str] = ...) -> None: ...
+    cost_per_param_s: _containers.ScalarMap[str, float]
+    fixed_cost_s: float
+    protect_fraction: float
+    def __init__(self, model_version: _Optional[int] = ..., model_digest: _Optional[bytes] = ..., training: _Optional[_Union[LocalTraining, _Mapping]] = ..., rounds_per_reconfig: _Optional[int] = ..., max_reconfigs: _Optional[int] = ..., stable_change: _Optional[float] = ..., stable_count: _Optional[int] = ..., deadline_unix_s: _Optional[float] = ..., partition: _Optional[str] = ..., cost_per_param_s: _Optional[_Mapping[str, float]] = ..., fixed_cost_s: _Optional[float] = ..., protect_fraction: _Optional[float] = ...) -> None: ...
 
 class ProfileCommand(_message.Message):
     __slots__ = ("densities",)

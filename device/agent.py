@@ -1,0 +1,362 @@
+"""The device agent: connect, announce, take commands, train, publish.
+
+Threads: the transport's network thread only enqueues; the agent's *dispatcher* thread drains the
+transport (commands, model snapshots) and never trains; one *worker* thread runs jobs from a queue.
+So a cancel or a new model is seen while a job trains, and a slow job never blocks the network.
+
+Job lifecycle events go to ``dev/{d}/events``: accepted -> training -> uploaded, or failed /
+rejected / cancelled with a reason. Commands are idempotent per (run, round, kind): a redelivered
+command is ignored.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import platform
+import queue
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from device import __version__
+from device.data import Dataset
+from device.errors import DecodeError, SparseFleetError
+from device.job import job_seed, run_evaluate_job, run_initial_prune_job, run_round_job
+from device.wire import envelope
+from device.wire.codec import KnownMask
+from device.wire.messages import (
+    CancelCommand,
+    DeviceProfile,
+    DeviceStatus,
+    DeviceUpdate,
+    Envelope,
+    EvaluateCommand,
+    Hardware,
+    InitialPruneCommand,
+    InitialPruneResult,
+    JobEvent,
+    JobState,
+    ModelSnapshot,
+    RoundCommand,
+    ValueDType,
+)
+from device.wire.topics import Topics
+from device.wire.transport import Message, Transport, Will
+
+log = logging.getLogger(__name__)
+
+DataSource = Callable[[str], Dataset]
+"""Returns the local dataset; the argument is the command's partition ("" on a real device)."""
+
+
+@dataclass(frozen=True)
+class AgentOptions:
+    device_id: str
+    topics: Topics = field(default_factory=Topics)
+    tags: tuple[str, ...] = ()
+    session_epoch: int = 0  # 0 = derive from the clock at start (monotonic across restarts)
+    model_wait_s: float = 60.0  # how long to wait for the retained model of a command
+    torch_threads: int = 0  # 0 = leave torch's default
+    profile: DeviceProfile | None = None
+    dataset_size: int = 0
+
+
+@dataclass
+class _Job:
+    run_id: str
+    round: int
+    correlation_id: str
+    command: RoundCommand | EvaluateCommand | InitialPruneCommand
+    cancelled: threading.Event = field(default_factory=threading.Event)
+
+
+def hardware() -> Hardware:
+    """What this machine is, for the birth message."""
+    try:
+        memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        memory = 0
+    return Hardware(
+        machine=platform.machine(),
+        cpu_count=os.cpu_count() or 0,
+        memory_bytes=memory,
+        python_version=platform.python_version(),
+        torch_version=torch.__version__,
+    )
+
+
+class DeviceAgent:
+    """A device: one transport connection, one dispatcher thread, one worker thread."""
+
+    def __init__(self, transport: Transport, data_source: DataSource, options: AgentOptions):
+        self.transport = transport
+        self.data_source = data_source
+        self.options = options
+        self.device_id = options.device_id
+        self.topics = options.topics
+        self.epoch = options.session_epoch or time.time_ns() // 1_000_000
+        self._jobs: queue.Queue[_Job | None] = queue.Queue()
+        self._seen: set[tuple[str, int, str]] = set()
+        self._pending: dict[tuple[str, int], _Job] = {}  # queued or running round jobs
+        self._current: _Job | None = None
+        self._models: dict[str, ModelSnapshot] = {}  # run id -> newest snapshot
+        self._model_cond = threading.Condition()
+        self._model_subs: set[str] = set()
+        self._stop = threading.Event()
+        self._threads: list[threading.Thread] = []
+        self.uploaded_bytes = 0
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    def _status(self, online: bool) -> bytes:
+        status = DeviceStatus(
+            online=online,
+            session_epoch=self.epoch,
+            agent_version=__version__,
+            hardware=hardware(),
+            dataset_size=self.options.dataset_size,
+            profile=self.options.profile,
+            tags=self.options.tags,
+            timestamp_unix_s=time.time(),
+        )
+        return envelope.encode(Envelope(body=status, device_id=self.device_id))
+
+    def start(self) -> None:
+        """Connect with a last will, subscribe to our commands, publish the birth, start threads."""
+        if self.options.torch_threads:
+            torch.set_num_threads(self.options.torch_threads)
+        self.transport.set_will(Will(self.topics.dev_status(self.device_id), self._status(False)))
+        self.transport.connect()
+        self.transport.subscribe(self.topics.dev_cmd(self.device_id), qos=1)
+        self.transport.publish(
+            self.topics.dev_status(self.device_id), self._status(True), qos=1, retain=True
+        )
+        for target, name in ((self._dispatch_loop, "dispatch"), (self._work_loop, "worker")):
+            thread = threading.Thread(target=target, name=f"{self.device_id}-{name}", daemon=True)
+            thread.start()
+            self._threads.append(thread)
+
+    def stop(self, *, abandon: bool = True, timeout_s: float = 30.0) -> None:
+        """Stop cleanly: cancel (or finish) the current job, publish offline, disconnect."""
+        if abandon and self._current is not None:
+            self._current.cancelled.set()
+        self._jobs.put(None)
+        self._stop.set()
+        with self._model_cond:
+            self._model_cond.notify_all()
+        for thread in self._threads:
+            thread.join(timeout_s)
+        try:
+            self.transport.publish(
+                self.topics.dev_status(self.device_id), self._status(False), qos=1, retain=True
+            )
+        except SparseFleetError as exc:  # the broker may already be gone; the will covers it
+            log.warning("%s: could not publish offline status: %s", self.device_id, exc)
+        self.transport.close()
+
+    def wait(self) -> None:
+        """Block until ``stop`` is called from another thread (or a signal handler)."""
+        self._stop.wait()
+
+    # -- dispatcher ------------------------------------------------------------------------
+
+    def _dispatch_loop(self) -> None:
+        while not self._stop.is_set():
+            message = self.transport.get(timeout_s=0.2)
+            if message is None:
+                continue
+            try:
+                self._dispatch(message)
+            except DecodeError as exc:
+                log.warning(
+                    "%s: dropped undecodable message on %s: %s", self.device_id, message.topic, exc
+                )
+            except Exception:  # a bad message must never kill the agent
+                log.exception("%s: error handling message on %s", self.device_id, message.topic)
+            finally:
+                self.transport.ack(message)
+
+    def _dispatch(self, message: Message) -> None:
+        parsed = self.topics.parse(message.topic)
+        if parsed.kind == "run_model":
+            if not message.payload:
+                return  # a cleared retained model
+            env = envelope.decode(message.payload)
+            if isinstance(env.body, ModelSnapshot):
+                with self._model_cond:
+                    old = self._models.get(env.run_id)
+                    if old is None or env.body.version >= old.version:
+                        self._models[env.run_id] = env.body
+                    self._model_cond.notify_all()
+            return
+        if parsed.kind != "dev_cmd":
+            return
+        env = envelope.decode(message.payload)
+        if env.device_id and env.device_id != self.device_id:
+            log.warning("%s: command addressed to %r ignored", self.device_id, env.device_id)
+            return
+        body = env.body
+        if isinstance(body, CancelCommand):
+            pending = self._pending.get((env.run_id, env.round))
+            if pending is not None:
+                pending.cancelled.set()
+            # A later duplicate of the cancelled command stays ignored.
+            self._seen.add((env.run_id, env.round, RoundCommand.__name__))
+            return
+        if isinstance(body, RoundCommand | EvaluateCommand | InitialPruneCommand):
+            kind = type(body).__name__
+            key = (env.run_id, env.round, kind)
+            if key in self._seen:
+                log.info(
+                    "%s: duplicate %s command for %s/%d ignored",
+                    self.device_id,
+                    kind,
+                    env.run_id,
+                    env.round,
+                )
+                return
+            self._seen.add(key)
+            self._watch_model(env.run_id)
+            self._event(env, JobState.ACCEPTED)
+            job = _Job(env.run_id, env.round, env.correlation_id, body)
+            if not isinstance(body, EvaluateCommand):
+                self._pending[(env.run_id, env.round)] = job
+            self._jobs.put(job)
+            return
+        self._event(env, JobState.REJECTED, f"unsupported command {type(body).__name__}")
+
+    def _watch_model(self, run_id: str) -> None:
+        if run_id not in self._model_subs:
+            self._model_subs.add(run_id)
+            self.transport.subscribe(self.topics.run_model(run_id), qos=1)
+
+    # -- worker ----------------------------------------------------------------------------
+
+    def _work_loop(self) -> None:
+        while True:
+            job = self._jobs.get()
+            if job is None:
+                return
+            self._current = job
+            try:
+                self._run(job)
+            except Exception as exc:  # report, never die: the fleet manager needs to know why
+                log.exception("%s: job %s/%d failed", self.device_id, job.run_id, job.round)
+                self._event_for(job, JobState.FAILED, f"{type(exc).__name__}: {exc}")
+            finally:
+                self._current = None
+                self._pending.pop((job.run_id, job.round), None)
+
+    def _wait_model(self, job: _Job, version: int) -> tuple[ModelSnapshot | None, float]:
+        command = job.command
+        deadline = time.time() + self.options.model_wait_s
+        if not isinstance(command, EvaluateCommand) and command.deadline_unix_s:
+            deadline = min(deadline, command.deadline_unix_s)
+        start = time.perf_counter()
+        with self._model_cond:
+            while not self._stop.is_set() and not job.cancelled.is_set():
+                snap = self._models.get(job.run_id)
+                if snap is not None and snap.version >= version:
+                    return (snap if snap.version == version else None), time.perf_counter() - start
+                remaining = deadline - time.time()
+                if remaining <= 0:
+                    break
+                self._model_cond.wait(min(remaining, 1.0))
+        return None, time.perf_counter() - start
+
+    def _run(self, job: _Job) -> None:
+        command = job.command
+        snapshot, download_s = self._wait_model(job, command.model_version)
+        if job.cancelled.is_set() or self._stop.is_set():
+            self._event_for(job, JobState.CANCELLED, "cancelled before training")
+            return
+        if snapshot is None or snapshot.digest != command.model_digest:
+            have = self._models.get(job.run_id)
+            self._event_for(
+                job,
+                JobState.REJECTED,
+                f"model version {command.model_version} not available "
+                f"(have {have.version if have is not None else None})",
+            )
+            return
+        data = self.data_source("" if isinstance(command, EvaluateCommand) else command.partition)
+        if isinstance(command, EvaluateCommand):
+            metrics = run_evaluate_job(snapshot, command, data)
+            self._event_for(job, JobState.EVALUATED, metrics=dict(metrics))
+            return
+        self._event_for(job, JobState.TRAINING)
+        seed = job_seed(job.run_id, job.round, self.device_id)
+        if isinstance(command, InitialPruneCommand):
+            result = run_initial_prune_job(snapshot, command, data, seed=seed)
+            self._upload(job, result, book=None, dtype=None)
+            return
+        update = run_round_job(snapshot, command, data, seed=seed, download_s=download_s)
+        book = {
+            name: KnownMask(version=snapshot.mask_version, mask=mask)
+            for name, mask in snapshot.masks.items()
+        }
+        self._upload(job, update, book=book, dtype=command.upload_dtype)
+
+    def _upload(
+        self,
+        job: _Job,
+        body: DeviceUpdate | InitialPruneResult,
+        *,
+        book: dict[str, KnownMask] | None,
+        dtype: ValueDType | None,
+    ) -> None:
+        if job.cancelled.is_set():
+            self._event_for(job, JobState.CANCELLED, "cancelled during training; nothing uploaded")
+            return
+        env = Envelope(
+            body=body,
+            run_id=job.run_id,
+            round=job.round,
+            device_id=self.device_id,
+            correlation_id=job.correlation_id,
+        )
+        payload = envelope.encode(env, book=book, dtype=dtype)
+        self.uploaded_bytes += self.transport.publish(
+            self.topics.dev_update(self.device_id, job.run_id, job.round), payload, qos=1
+        )
+        self._event_for(job, JobState.UPLOADED)
+
+    # -- events ----------------------------------------------------------------------------
+
+    def _event(self, env: Envelope, state: JobState, reason: str = "") -> None:
+        self._publish_event(
+            env.run_id,
+            env.round,
+            env.correlation_id,
+            JobEvent(state=state, reason=reason, timestamp_unix_s=time.time()),
+        )
+
+    def _event_for(
+        self,
+        job: _Job,
+        state: JobState,
+        reason: str = "",
+        metrics: dict[str, float] | None = None,
+    ) -> None:
+        event = JobEvent(
+            state=state, reason=reason, timestamp_unix_s=time.time(), metrics=dict(metrics or {})
+        )
+        self._publish_event(job.run_id, job.round, job.correlation_id, event)
+
+    def _publish_event(
+        self, run_id: str, round_: int, correlation_id: str, event: JobEvent
+    ) -> None:
+        payload = envelope.encode(
+            Envelope(
+                body=event,
+                run_id=run_id,
+                round=round_,
+                device_id=self.device_id,
+                correlation_id=correlation_id,
+            )
+        )
+        self.transport.publish(self.topics.dev_events(self.device_id), payload, qos=1, wait=False)

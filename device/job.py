@@ -1,0 +1,161 @@
+"""One device job as a pure function: global model + command + local data -> update.
+
+Kept apart from the agent (which does the networking) so that the same code runs in the agent's
+worker thread, in a simulation's process pool, and in tests without a transport. Everything in and
+out is picklable plain data (numpy arrays and dataclasses).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping
+
+import numpy as np
+import torch
+
+from device.data import Dataset
+from device.models import create_model
+from device.prune_init import initial_prune
+from device.seeding import derive_seed
+from device.trainer import RoundResult, evaluate, train_round
+from device.wire.codec import SparseTensor, model_digest
+from device.wire.messages import (
+    BoolArray,
+    DeviceUpdate,
+    EvaluateCommand,
+    FloatArray,
+    InitialPruneCommand,
+    InitialPruneResult,
+    ModelSnapshot,
+    RoundCommand,
+)
+
+
+def job_seed(run_id: str, round_: int, device_id: str) -> int:
+    """The seed of a device's local round: blake2b of ``run/round/device`` (never ``hash()``)."""
+    return derive_seed(run_id, round_, device_id)
+
+
+def load_model(snapshot: ModelSnapshot) -> tuple[torch.nn.Module, dict[str, torch.Tensor]]:
+    """Build the snapshot's model with its weights and its masks (bool tensors, by name)."""
+    model = create_model(snapshot.model_name)
+    state = model.state_dict()
+    missing = set(state) - set(snapshot.weights)
+    extra = set(snapshot.weights) - set(state)
+    if missing or extra:
+        raise ValueError(
+            f"model {snapshot.model_name!r} does not match the snapshot: "
+            f"missing {sorted(missing)}, unexpected {sorted(extra)}"
+        )
+    model.load_state_dict(
+        {name: torch.from_numpy(np.array(arr, copy=True)) for name, arr in snapshot.weights.items()}
+    )
+    masks = {name: torch.from_numpy(np.array(m, dtype=bool)) for name, m in snapshot.masks.items()}
+    return model, masks
+
+
+def to_update(
+    snapshot: ModelSnapshot, result: RoundResult, *, train_s: float, download_s: float = 0.0
+) -> DeviceUpdate:
+    """Turn a trainer result into the wire dataclass: deltas on the device's final masks."""
+    deltas: dict[str, SparseTensor] = {}
+    for name, weight in snapshot.weights.items():
+        delta = result.deltas[name].detach().cpu().numpy().astype(np.float32, copy=False)
+        if name in result.masks:
+            mask: BoolArray = result.masks[name].cpu().numpy().astype(bool, copy=False)
+        else:
+            mask = np.ones(weight.shape, dtype=bool)
+        deltas[name] = SparseTensor(
+            shape=tuple(weight.shape), mask=mask, values=np.ascontiguousarray(delta[mask])
+        )
+    importance: dict[str, FloatArray] = {
+        name: g.detach().cpu().numpy().astype(np.float32, copy=False)
+        for name, g in result.importance.items()
+    }
+    return DeviceUpdate(
+        model_version=snapshot.version,
+        model_digest=snapshot.digest,
+        deltas=deltas,
+        num_examples=result.num_examples,
+        importance=importance,
+        local_steps=result.local_steps,
+        train_s=train_s,
+        download_s=download_s,
+        metrics=dict(result.metrics),
+    )
+
+
+def run_round_job(
+    snapshot: ModelSnapshot,
+    command: RoundCommand,
+    data: Dataset,
+    *,
+    seed: int,
+    kernel_plan: frozenset[str] = frozenset(),
+    download_s: float = 0.0,
+) -> DeviceUpdate:
+    """Train the snapshot's sparse subnetwork on ``data`` as ``command`` says; return the update."""
+    model, masks = load_model(snapshot)
+    global_weights = (
+        {n: torch.from_numpy(np.array(a, copy=True)) for n, a in snapshot.weights.items()}
+        if command.training.prox_mu > 0
+        else None
+    )
+    start = time.perf_counter()
+    result = train_round(
+        model,
+        masks,
+        data,
+        command.training,
+        seed=seed,
+        readjust=command.readjust,
+        report_importance=command.report_importance,
+        global_weights=global_weights,
+        kernel_plan=kernel_plan,
+    )
+    return to_update(snapshot, result, train_s=time.perf_counter() - start, download_s=download_s)
+
+
+def run_evaluate_job(
+    snapshot: ModelSnapshot, command: EvaluateCommand, data: Dataset
+) -> Mapping[str, float]:
+    """Evaluate the snapshot on local data: ``{"loss": mean loss, "accuracy": 0..1}``."""
+    del command  # the version check happens before the job runs
+    model, _ = load_model(snapshot)
+    loss, accuracy = evaluate(model, data)
+    return {"loss": loss, "accuracy": accuracy, "examples": float(len(data.y))}
+
+
+def run_initial_prune_job(
+    snapshot: ModelSnapshot, command: InitialPruneCommand, data: Dataset, *, seed: int
+) -> InitialPruneResult:
+    """PruneFL's initial pruning on local data; the result is the pruned model (version + 1)."""
+    model, _ = load_model(snapshot)
+    start = time.perf_counter()
+    state, masks, history = initial_prune(
+        model,
+        data,
+        command.training,
+        cost_per_param=command.cost_per_param_s,
+        c0=command.fixed_cost_s,
+        seed=seed,
+        rounds_per_reconfig=command.rounds_per_reconfig,
+        max_reconfigs=command.max_reconfigs,
+        stable_change=command.stable_change,
+        stable_count=command.stable_count,
+        protect_fraction=command.protect_fraction,
+    )
+    train_s = time.perf_counter() - start
+    weights = {n: t.detach().cpu().numpy().astype(np.float32) for n, t in state.items()}
+    mask_arrays = {n: m.cpu().numpy().astype(bool) for n, m in masks.items()}
+    pruned = ModelSnapshot(
+        model_name=snapshot.model_name,
+        version=snapshot.version + 1,
+        digest=model_digest(weights, mask_arrays),
+        mask_version=snapshot.version + 1,
+        weights=weights,
+        masks=mask_arrays,
+    )
+    return InitialPruneResult(
+        model=pruned, reconfigs=len(history) - 1, densities=tuple(history[1:]), train_s=train_s
+    )

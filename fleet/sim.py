@@ -1,0 +1,301 @@
+"""Many simulated devices on one machine, over the in-memory broker or a real MQTT broker.
+
+The devices are real ``DeviceAgent``s (the same code a Pi runs) with a data source that hands
+each one its partition of a dataset; the fleet manager is the real ``Runner``. Only the transport
+differs between ``transport="memory"`` and ``transport="mqtt"``.
+
+Over MQTT the agents are spread over a few worker processes (each agent has its own connection),
+and a local mosquitto is started on a free loopback port when no broker is given.
+
+Fault injection (fractions of the devices, chosen with a seeded rng): devices that never answer,
+that answer late (after ``late_delay_s``), that disconnect mid-training (their connection dies
+without a clean close, so the broker publishes their will); ``latency_s`` delays every upload.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+
+from device.agent import AgentOptions, DeviceAgent
+from device.data import Dataset, load_dataset, partition
+from device.job import load_model
+from device.seeding import derive_seed
+from device.trainer import evaluate
+from device.wire.memory import MemoryBroker, MemoryTransport
+from device.wire.messages import ModelSnapshot
+from device.wire.topics import Topics
+from device.wire.transport import Transport
+from fleet.runner import ProgressCallback, RoundReport, Runner, RunSpec
+from fleet.store import Store
+from fleet.strategies.base import GlobalModel
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Faults:
+    """Fault injection; fractions are of all simulated devices, in [0, 1]."""
+
+    never_answer: float = 0.0
+    late: float = 0.0
+    late_delay_s: float = 0.0
+    disconnect: float = 0.0
+    latency_s: float = 0.0  # seconds added before every upload
+
+
+@dataclass(frozen=True)
+class SimSpec:
+    """How the simulated fleet is made."""
+
+    devices: int
+    dataset: str = "digits"
+    data_dir: Path | None = None
+    partition: str = "iid"
+    partition_options: dict[str, Any] = field(default_factory=dict)
+    seed: int = 0
+    faults: Faults = field(default_factory=Faults)
+    processes: int = 2  # MQTT mode: worker processes hosting the agents
+    torch_threads: int = 1  # per training job; jobs of different devices run in parallel
+
+
+def device_ids(count: int) -> list[str]:
+    """Stable simulated device ids: ``sim-0000``, ``sim-0001``, ..."""
+    return [f"sim-{i:04d}" for i in range(count)]
+
+
+class PartitionedData:
+    """A picklable data source: device partition ``"i"`` of a dataset, loaded once per process."""
+
+    def __init__(self, spec: SimSpec) -> None:
+        self.spec = spec
+        self._train: Dataset | None = None
+        self._parts: list[np.ndarray] | None = None
+        self._lock = threading.Lock()
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"spec": self.spec}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__init__(state["spec"])  # type: ignore[misc]
+
+    def _load(self) -> tuple[Dataset, list[np.ndarray]]:
+        with self._lock:
+            if self._train is None or self._parts is None:
+                spec = self.spec
+                train = load_dataset(spec.dataset, data_dir=spec.data_dir, split="train")
+                labels = train.y.numpy()
+                self._parts = partition(
+                    spec.partition,
+                    labels,
+                    spec.devices,
+                    seed=derive_seed("partition", spec.dataset, spec.seed),
+                    **spec.partition_options,
+                )
+                self._train = train
+            return self._train, self._parts
+
+    def __call__(self, partition_name: str) -> Dataset:
+        train, parts = self._load()
+        try:
+            index = int(partition_name)
+            indices = parts[index]
+        except (ValueError, IndexError):
+            raise ValueError(
+                f"unknown partition {partition_name!r}; this simulation has 0..{len(parts) - 1}"
+            ) from None
+        return train.subset(indices)
+
+    def size(self, index: int) -> int:
+        return len(self._load()[1][index])
+
+
+def make_evaluator(
+    dataset: str, data_dir: Path | None
+) -> Callable[[GlobalModel], dict[str, float]]:
+    """Evaluate global models on the dataset's test split (loaded once)."""
+    test = load_dataset(dataset, data_dir=data_dir, split="test")
+
+    def evaluator(model: GlobalModel) -> dict[str, float]:
+        snapshot = ModelSnapshot(
+            model.model_name, model.version, b"", 0, model.weights, model.masks
+        )
+        module, _ = load_model(snapshot)
+        loss, accuracy = evaluate(module, test)
+        return {"accuracy": accuracy, "loss": loss}
+
+    return evaluator
+
+
+def fault_plan(spec: SimSpec) -> dict[str, str]:
+    """Which devices misbehave and how (seeded): ``{device_id: "never"|"late"|"disconnect"}``."""
+    ids = device_ids(spec.devices)
+    rng = np.random.default_rng(derive_seed("faults", spec.seed))
+    order = [ids[i] for i in rng.permutation(len(ids))]
+    plan: dict[str, str] = {}
+    f = spec.faults
+    start = 0
+    for kind, fraction in (
+        ("never", f.never_answer),
+        ("late", f.late),
+        ("disconnect", f.disconnect),
+    ):
+        count = round(fraction * len(ids))
+        for device_id in order[start : start + count]:
+            plan[device_id] = kind
+        start += count
+    return plan
+
+
+class SimulatedAgent(DeviceAgent):
+    """A device agent with injected faults; behaves exactly like ``DeviceAgent`` otherwise."""
+
+    def __init__(
+        self,
+        transport: Transport,
+        data: PartitionedData,
+        options: AgentOptions,
+        fault: str | None,
+        faults: Faults,
+    ) -> None:
+        super().__init__(transport, data, options)
+        self.fault = fault
+        self.faults = faults
+
+    def _run(self, job: Any) -> None:
+        if self.fault == "never":
+            return
+        if self.fault == "disconnect":
+            kill = getattr(self.transport, "kill", None)
+            if kill is not None:
+                kill()  # dies without a clean close: the broker publishes the will
+            self._stop.set()
+            return
+        delay = self.faults.latency_s + (self.faults.late_delay_s if self.fault == "late" else 0)
+        if delay > 0:
+            job.cancelled.wait(delay)
+        super()._run(job)
+
+
+def _agent_options(
+    spec: SimSpec, data: PartitionedData, index: int, device_id: str, topics: Topics
+) -> AgentOptions:
+    return AgentOptions(
+        device_id=device_id,
+        topics=topics,
+        dataset_size=data.size(index),
+        torch_threads=0,  # set once per process: torch's thread pool is process-wide
+        session_epoch=1,
+    )
+
+
+def simulate(
+    run: RunSpec,
+    sim: SimSpec,
+    store_dir: Path,
+    *,
+    transport: Literal["memory", "mqtt"] = "memory",
+    broker_url: str | None = None,
+    on_progress: ProgressCallback | None = None,
+    evaluate_on_test: bool = True,
+) -> list[RoundReport]:
+    """Run ``run`` on ``sim.devices`` simulated devices and return the round reports."""
+    torch.set_num_threads(max(1, sim.torch_threads))
+    if transport == "memory":
+        return _simulate_memory(run, sim, store_dir, on_progress, evaluate_on_test)
+    from fleet.sim_mqtt import simulate_mqtt
+
+    return simulate_mqtt(
+        run,
+        sim,
+        store_dir,
+        broker_url=broker_url,
+        on_progress=on_progress,
+        evaluate_on_test=evaluate_on_test,
+    )
+
+
+def _simulate_memory(
+    run: RunSpec,
+    sim: SimSpec,
+    store_dir: Path,
+    on_progress: ProgressCallback | None,
+    evaluate_on_test: bool,
+) -> list[RoundReport]:
+    broker = MemoryBroker()
+    topics = Topics()
+    data = PartitionedData(sim)
+    plan = fault_plan(sim)
+    agents = start_agents(
+        lambda device_id: MemoryTransport(broker, device_id),
+        sim,
+        data,
+        topics,
+        plan,
+        range(sim.devices),
+    )
+    store = Store(store_dir)
+    try:
+        runner = Runner(
+            run,
+            MemoryTransport(broker, "fleet-manager"),
+            store,
+            topics=topics,
+            evaluator=make_evaluator(sim.dataset, sim.data_dir) if evaluate_on_test else None,
+            partition_for=partition_lookup(sim.devices),
+            on_progress=on_progress,
+        )
+        runner.connect()
+        runner.wait_for_devices(sim.devices, timeout_s=30.0)
+        return runner.run()
+    finally:
+        for agent in agents:
+            agent.stop(timeout_s=5.0)
+        store.close()
+
+
+def partition_lookup(count: int) -> Callable[[str], str]:
+    """The data partition of a simulated device: its index."""
+    index = {device_id: str(i) for i, device_id in enumerate(device_ids(count))}
+    return lambda device_id: index.get(device_id, "")
+
+
+def start_agents(
+    make_transport: Callable[[str], Transport],
+    sim: SimSpec,
+    data: PartitionedData,
+    topics: Topics,
+    plan: dict[str, str],
+    indices: Sequence[int] | range,
+) -> list[DeviceAgent]:
+    """Start the agents of the given device indices; each publishes its birth."""
+    ids = device_ids(sim.devices)
+    agents: list[DeviceAgent] = []
+    for i in indices:
+        device_id = ids[i]
+        agent = SimulatedAgent(
+            make_transport(device_id),
+            data,
+            _agent_options(sim, data, i, device_id, topics),
+            plan.get(device_id),
+            sim.faults,
+        )
+        agent.start()
+        agents.append(agent)
+    return agents
+
+
+def wait_until(predicate: Callable[[], bool], timeout_s: float, what: str) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out after {timeout_s:.0f} s waiting for {what}")
+        time.sleep(0.05)
