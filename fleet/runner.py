@@ -165,6 +165,7 @@ class Runner:
         self._published_version: int | None = None
         self._snapshot_bytes = 0
         self._previous: tuple[GlobalModel, bytes] | None = None  # for the "next" late policy
+        self._books: dict[int, dict[str, KnownMask]] = {}  # model version -> its masks
         self._late: list[tuple[tuple[int, str], ClientResult]] = []
         self._stop = False
         self._initial_device: str | None = None
@@ -240,10 +241,22 @@ class Runner:
         self.store.set_run_status(self.spec.run_id, "running")
 
     def _set_model(self, model: GlobalModel, *, mask_changed: bool) -> None:
+        """Make ``model`` current; keep the previous one (late updates) and both mask books."""
+        current = self._books.get(self.model.version) if self.model is not None else None
         if self.model is not None:
             self._previous = (self.model, self.model_digest)
-        if mask_changed:
-            self.mask_version = model.version
+        if mask_changed or current is None:
+            if mask_changed:
+                self.mask_version = model.version
+            book = {
+                name: KnownMask(version=self.mask_version, mask=mask)
+                for name, mask in model.masks.items()
+            }
+        else:
+            book = current  # same masks: reuse the digests instead of hashing them again
+        keep = {model.version} | ({self._previous[0].version} if self._previous else set())
+        self._books = {v: b for v, b in self._books.items() if v in keep}
+        self._books[model.version] = book
         self.model = model
         self.model_digest = model_digest(model.weights, model.masks)
 
@@ -576,21 +589,8 @@ class Runner:
             self.on_progress("event", {"device_id": device_id, "event": event, "round": env.round})
 
     def _book_for(self, version: int) -> dict[str, KnownMask] | None:
-        for model in (self.model, self._previous[0] if self._previous else None):
-            if model is not None and model.version == version:
-                return {
-                    n: KnownMask(
-                        version=self.mask_version
-                        if model is self.model
-                        else self._prev_mask_version(),
-                        mask=m,
-                    )
-                    for n, m in model.masks.items()
-                }
-        return None
-
-    def _prev_mask_version(self) -> int:
-        return self._previous[0].version if self._previous else 0
+        """The masks a device's update for model ``version`` may refer to (None: unknown)."""
+        return self._books.get(version)
 
     def _on_update(
         self, device_id: str, run_id: str, round_: int, message: Message, state: _RoundState | None
