@@ -167,6 +167,7 @@ class Runner:
         self._previous: tuple[GlobalModel, bytes] | None = None  # for the "next" late policy
         self._books: dict[int, dict[str, KnownMask]] = {}  # model version -> its masks
         self._late: list[tuple[tuple[int, str], ClientResult]] = []
+        self._last_closed: _RoundState | None = None  # late updates are judged against it
         self._stop = False
         self._initial_device: str | None = None
         self._initial_result: InitialPruneResult | None = None
@@ -359,6 +360,7 @@ class Runner:
             self.store.add_traffic(spec.run_id, round_, device_id, down=down)
         self._publish_fleet_status(round_, len(selected), len(state.results))
         closed_by = self._collect(state)
+        self._last_closed = state
         for device_id in selected:  # stragglers: their work would be dropped anyway
             if device_id not in state.results and device_id not in state.failed:
                 self._send(device_id, round_, CancelCommand(reason=f"round {round_} closed"))
@@ -602,22 +604,23 @@ class Runner:
                     f"{len(message.payload)} bytes exceeds the limit {self.spec.max_update_bytes}",
                     reason="oversized",
                 )
-            if state is None:
-                raise ValidationError("no round is open", reason="no_open_round")
             try:
                 env = envelope.decode(
                     message.payload, book_for=self._book_for, max_bytes=self.spec.max_update_bytes
                 )
             except DecodeError as exc:
                 raise ValidationError(str(exc), reason=f"decode:{exc.reason}") from exc
-            if (
-                env.round == state.round - 1
-                and self.spec.late_policy == "next"
-                and self._previous is not None
-                and run_id == self.spec.run_id
-            ):
-                self._accept_late(device_id, env, message)
-                return
+            closed = self._last_closed
+            if closed is not None and run_id == self.spec.run_id and round_ == closed.round:
+                # Trained for a round that has closed: the late policy decides.
+                if self.spec.late_policy == "next" and self._previous is not None:
+                    self._accept_late(device_id, env, message)
+                    return
+                raise ValidationError(
+                    f"update for round {round_} arrived after the round closed", reason="late"
+                )
+            if state is None:
+                raise ValidationError("no round is open", reason="no_open_round")
             exp = Expectation(
                 self.spec.run_id, state.round, state.selected, self.model, self.model_digest
             )
