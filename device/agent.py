@@ -98,7 +98,10 @@ class DeviceAgent:
         self.options = options
         self.device_id = options.device_id
         self.topics = options.topics
+        # Session epochs: one per connection, increasing across restarts (milliseconds of the
+        # wall clock at start, then +1 per reconnect).
         self.epoch = options.session_epoch or time.time_ns() // 1_000_000
+        self._connection_epoch = self.epoch
         self._jobs: queue.Queue[_Job | None] = queue.Queue()
         self._seen: set[tuple[str, int, str]] = set()
         self._pending: dict[tuple[str, int], _Job] = {}  # queued or running round jobs
@@ -125,16 +128,31 @@ class DeviceAgent:
         )
         return envelope.encode(Envelope(body=status, device_id=self.device_id))
 
+    def _on_connect(self) -> None:
+        """Birth after every (re)connect, then arm the will of the next connection.
+
+        Each connection is one session epoch: its birth and its will carry the same epoch, and
+        the next connection's birth a larger one, so the registry orders them even though the
+        broker may publish a will while the device is reconnecting. Runs on the network thread:
+        it only enqueues.
+        """
+        topic = self.topics.dev_status(self.device_id)
+        self.transport.publish(topic, self._status(True), qos=1, retain=True, wait=False)
+        self._connection_epoch = self.epoch
+        self.epoch += 1
+        self.transport.set_will(Will(topic, self._status(False)))
+
     def start(self) -> None:
-        """Connect with a last will, subscribe to our commands, publish the birth, start threads."""
+        """Connect with a last will, subscribe to our commands, start the threads.
+
+        The birth is published by ``_on_connect`` after this and every later reconnect.
+        """
         if self.options.torch_threads:
             torch.set_num_threads(self.options.torch_threads)
         self.transport.set_will(Will(self.topics.dev_status(self.device_id), self._status(False)))
-        self.transport.connect()
+        self.transport.set_on_connect(self._on_connect)
         self.transport.subscribe(self.topics.dev_cmd(self.device_id), qos=1)
-        self.transport.publish(
-            self.topics.dev_status(self.device_id), self._status(True), qos=1, retain=True
-        )
+        self.transport.connect()
         for target, name in ((self._dispatch_loop, "dispatch"), (self._work_loop, "worker")):
             thread = threading.Thread(target=target, name=f"{self.device_id}-{name}", daemon=True)
             thread.start()
@@ -150,6 +168,7 @@ class DeviceAgent:
             self._model_cond.notify_all()
         for thread in self._threads:
             thread.join(timeout_s)
+        self.epoch = self._connection_epoch  # the offline status closes the current session
         try:
             self.transport.publish(
                 self.topics.dev_status(self.device_id), self._status(False), qos=1, retain=True
@@ -359,4 +378,9 @@ class DeviceAgent:
                 correlation_id=correlation_id,
             )
         )
-        self.transport.publish(self.topics.dev_events(self.device_id), payload, qos=1, wait=False)
+        try:
+            self.transport.publish(
+                self.topics.dev_events(self.device_id), payload, qos=1, wait=False
+            )
+        except SparseFleetError as exc:  # events are best effort; the job's fate is elsewhere
+            log.warning("%s: could not publish %s event: %s", self.device_id, event.state, exc)

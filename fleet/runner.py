@@ -168,6 +168,7 @@ class Runner:
         self._books: dict[int, dict[str, KnownMask]] = {}  # model version -> its masks
         self._late: list[tuple[tuple[int, str], ClientResult]] = []
         self._last_closed: _RoundState | None = None  # late updates are judged against it
+        self._deferred: list[Message] = []  # updates that arrived while no round was open
         self._stop = False
         self._initial_device: str | None = None
         self._initial_result: InitialPruneResult | None = None
@@ -342,6 +343,9 @@ class Runner:
             else:
                 state.results[row.device_id] = result
                 state.upload_bytes += row.payload_bytes
+        deferred, self._deferred = self._deferred, []
+        for message in deferred:
+            self._handle(message, state)
         self._publish_model()
         command = RoundCommand(
             model_version=self.model.version,
@@ -620,13 +624,19 @@ class Runner:
                     f"update for round {round_} arrived after the round closed", reason="late"
                 )
             if state is None:
-                raise ValidationError("no round is open", reason="no_open_round")
+                # Between rounds (or before a resumed round is set up): judge it once the next
+                # round is open; it stays unacknowledged until then.
+                self._deferred.append(message)
+                return
             exp = Expectation(
                 self.spec.run_id, state.round, state.selected, self.model, self.model_digest
             )
             update = check_routing(env, device_id, run_id, round_, exp)
             if device_id in state.results:
-                raise ValidationError("duplicate update", reason="duplicate")
+                # A redelivery (e.g. after a restart) of an update we already hold.
+                log.info("duplicate update from %s for round %d ignored", device_id, state.round)
+                self.transport.ack(message)
+                return
             result = reconstruct(
                 update, self.model, device_id=device_id, model_digest=self.model_digest
             )

@@ -27,6 +27,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections import OrderedDict, deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from device.errors import BrokerUnavailableError
@@ -301,6 +302,7 @@ class MemoryTransport:
         self.manual_ack = manual_ack
         self.max_chunk_bytes = max_chunk_bytes
         self.will = will
+        self._on_connect_hook: Callable[[], None] | None = None
         self._limit = max_packet_bytes
         self.max_packet_bytes = min(
             max_packet_bytes or PROTOCOL_MAX_PACKET_BYTES, broker.max_packet_size
@@ -321,7 +323,10 @@ class MemoryTransport:
         return self._connected
 
     def set_will(self, will: Will | None) -> None:
-        self.will = will
+        self.will = will  # as in MQTT, the current connection keeps the will it connected with
+
+    def set_on_connect(self, callback: Callable[[], None] | None) -> None:
+        self._on_connect_hook = callback
 
     def connect(self, timeout_s: float = 10.0) -> None:
         if self._connected:
@@ -336,6 +341,8 @@ class MemoryTransport:
             subs = list(self._subs.items())
         for pattern, qos in subs:  # as MqttTransport does in every on_connect
             self.broker._subscribe(self, pattern, qos)
+        if self._on_connect_hook is not None:
+            self._on_connect_hook()
 
     def close(self) -> None:
         """Disconnect cleanly: the will is discarded; a persistent session stays."""

@@ -125,7 +125,8 @@ class CancelCommand:
 class ModelSnapshot:
     """A global model: dense float32 weights (zero outside masks) plus masks of pruned tensors.
 
-    Invariant: for every name in ``masks``, ``weights[name][~masks[name]] == 0`` and the shapes match.
+    Invariant: for every name in ``masks``, ``weights[name][~masks[name]] == 0`` and the shapes
+    match.
     ``digest`` is ``codec.model_digest(weights, masks)``.
     """
 

@@ -35,6 +35,7 @@ import random
 import socket
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, cast
 from urllib.parse import urlsplit
@@ -161,6 +162,7 @@ class MqttTransport:
         """The broker's Maximum-Packet-Size from the last CONNACK (MQTT's maximum if none)."""
         self.session_present = False
         self.connect_count = 0
+        self._on_connect_hook: Callable[[], None] | None = None
         self.disconnect_reasons: list[int] = []
         """Reason code of every lost connection (for tests and diagnostics)."""
         self._connected = False
@@ -201,6 +203,14 @@ class MqttTransport:
 
     def set_will(self, will: Will | None) -> None:
         self._will = will
+        if self._ever_connected:  # takes effect at the next automatic reconnect
+            if will is None:
+                self._client.will_clear()
+            else:
+                self._client.will_set(will.topic, will.payload, qos=will.qos, retain=will.retain)
+
+    def set_on_connect(self, callback: Callable[[], None] | None) -> None:
+        self._on_connect_hook = callback
 
     def connect(self, timeout_s: float = 10.0) -> None:
         """Connect and wait for the CONNACK; raise ``BrokerUnavailableError`` naming host:port
@@ -552,6 +562,12 @@ class MqttTransport:
         self._draw_reconnect_delay()
         self._connected = True
         self._ever_connected = True
+        hook = self._on_connect_hook
+        if hook is not None:
+            try:
+                hook()
+            except Exception:  # a hook must never break the network thread
+                log.exception("%s: on-connect hook failed", self.client_id)
         self._connack = reason
         self._connack_event.set()
 

@@ -72,7 +72,16 @@ class Transport(Protocol):
         """Acknowledge a QoS 1 message (manual ack) after it has been stored."""
 
     def set_will(self, will: Will | None) -> None:
-        """Set the last will before ``connect``."""
+        """Set the last will for the next connection (the one ``connect`` or an automatic
+        reconnect makes); the current connection keeps the will it connected with."""
+
+    def set_on_connect(self, callback: Callable[[], None] | None) -> None:
+        """Call ``callback`` after every successful (re)connect, on the network thread.
+
+        For a device's birth message: the broker may have published the will while the client
+        was away, so the birth must follow every reconnect. The callback may only enqueue
+        (``publish(..., wait=False)``, ``set_will``); it must not block.
+        """
 
 
 TransportFactory = Callable[[str], Transport]

@@ -1,0 +1,322 @@
+"""Reproduce the FedDST paper's MNIST setting with all four methods (figures, not a test).
+
+400 clients with 2 classes x 20 training images each (shards), 20 devices per round, 10 local
+epochs, batch 32, SGD lr 0.01, momentum 0.9, weight decay 1e-3, ``mnist_cnn``. Methods: FedAvg
+(dense), FedAvgM, FedDST (density 0.2, alpha 0.05, readjust every 10 rounds until half the
+rounds) and PruneFL. The global model is evaluated on the 10,000 MNIST test images every
+``--eval-every`` rounds. Every update goes through the real device agent, the codec and the
+runner over the in-memory broker, so the byte counts are encoded bytes.
+
+Each method runs in its own process with its own store under ``--work``; an interrupted
+benchmark resumes where it stopped (the runner resumes runs from the store). Outputs in ``--out``:
+one CSV per method (``round, accuracy, loss, upload_bytes, download_bytes, density,
+modelled_time_s``; bytes and modelled time cumulative), ``mnist_repro.png`` (accuracy against
+rounds and against cumulative uploaded MB) and ``summary.md`` (table and the issue's targets).
+
+The modelled time is PruneFL's round-time model ``T = c0 + sum_l c_l nnz_l`` with one cost model
+for all methods (the FLOP model of ``fleet.strategies.prunefl``, as the simulated devices report no
+profile), summed over rounds.
+
+    python bench/mnist_repro.py --rounds 400 --out docs/results/mnist_repro --work /tmp/repro
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import logging
+import math
+import multiprocessing as mp
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+DEFAULT_DATA = REPO.parent / "shared" / "data" / "mnist"
+METHODS = ("fedavg", "fedavgm", "feddst", "prunefl")
+COLUMNS = (
+    "round",
+    "accuracy",
+    "loss",
+    "upload_bytes",
+    "download_bytes",
+    "density",
+    "modelled_time_s",
+)
+
+
+def training(args: argparse.Namespace) -> dict[str, Any]:
+    return {
+        "epochs": args.epochs,
+        "batch_size": 32,
+        "lr": 0.01,
+        "momentum": 0.9,
+        "weight_decay": 1e-3,
+    }
+
+
+def strategy_options(method: str, args: argparse.Namespace) -> dict[str, Any]:
+    common: dict[str, Any] = {"clients_per_round": args.per_round, "training": training(args)}
+    if method == "feddst":
+        return {
+            **common,
+            "density": 0.2,
+            "alpha": 0.05,
+            "readjust_every": 10,
+            "total_rounds": args.rounds,
+        }
+    if method == "fedavgm":
+        return {**common, "beta": 0.9, "server_lr": 1.0}
+    return common
+
+
+def run_method(method: str, args: argparse.Namespace) -> None:
+    """Run (or resume) one method to the end; runs in a child process."""
+    import torch
+
+    from fleet.runner import RunSpec
+    from fleet.sim import SimSpec, simulate
+
+    torch.set_num_threads(1)
+    logging.basicConfig(level=logging.WARNING, format=f"{method}: %(levelname)s %(message)s")
+    run = RunSpec(
+        run_id=f"mnist-{method}",
+        model_name="mnist_cnn",
+        strategy=method,
+        rounds=args.rounds,
+        clients_per_round=args.per_round,
+        strategy_options=strategy_options(method, args),
+        round_timeout_s=3600.0,
+        eval_every=args.eval_every,
+        seed=args.seed,
+        init_seed=args.seed,
+    )
+    sim = SimSpec(
+        devices=args.clients,
+        dataset="mnist",
+        data_dir=args.data_dir,
+        partition="shards",
+        partition_options={"classes_per_client": 2, "per_class": 20},
+        seed=args.seed,
+    )
+    start = time.time()
+
+    def progress(kind: str, payload: Any) -> None:
+        if kind == "round_closed":
+            report = payload["report"]
+            if "accuracy" in report.metrics:
+                print(
+                    f"{method}: round {report.round} accuracy {report.metrics['accuracy']:.4f} "
+                    f"density {report.density:.3f} ({time.time() - start:.0f} s)",
+                    flush=True,
+                )
+
+    simulate(run, sim, args.work / method, on_progress=progress)
+
+
+def export(method: str, args: argparse.Namespace) -> list[dict[str, float]]:
+    """CSV rows of a method from its store (works for a finished or a partial run)."""
+    from device.models import create_model, prunable_names
+    from fleet.store import Store
+    from fleet.strategies.base import GlobalModel
+    from fleet.strategies.prunefl import PruneFLOptions, cost_model
+    from device.wire.messages import LocalTraining
+
+    store_dir = args.work / method
+    if not (store_dir / "fleet.db").exists():
+        return []
+    module = create_model("mnist_cnn")
+    shapes = {n: tuple(t.shape) for n, t in module.state_dict().items()}
+    pruned = prunable_names(module)
+    options = PruneFLOptions(training=LocalTraining(**training(args)))
+    cost = cost_model([(None, 40)], shapes, pruned, options)
+    rows: list[dict[str, float]] = []
+    up = down = 0
+    modelled = 0.0
+    with Store(store_dir, create=False) as store:
+        run_id = f"mnist-{method}"
+        for record in store.rounds(run_id):
+            if record.status != "closed":
+                continue
+            up += record.bytes_up
+            down += record.bytes_down
+            checkpoint = store.load_checkpoint(run_id, record.model_version_in)
+            model_in = GlobalModel(
+                record.model_version_in,
+                checkpoint.weights,
+                checkpoint.masks,
+                "mnist_cnn",
+            )
+            modelled += cost.time(model_in)
+            metrics = record.metrics
+            if "accuracy" not in metrics:
+                continue
+            rows.append(
+                {
+                    "round": record.round,
+                    "accuracy": float(metrics["accuracy"]),
+                    "loss": float(metrics["loss"]),
+                    "upload_bytes": float(up),
+                    "download_bytes": float(down),
+                    "density": float(metrics["density"]),
+                    "modelled_time_s": modelled,
+                }
+            )
+    with open(args.out / f"{method}.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=COLUMNS)
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({k: row[k] for k in COLUMNS})
+    return rows
+
+
+def accuracy_at_upload(rows: list[dict[str, float]], cap: float) -> float:
+    """Accuracy at cumulative upload ``cap`` bytes, interpolated between evaluation points."""
+    xs = np.array([r["upload_bytes"] for r in rows])
+    ys = np.array([r["accuracy"] for r in rows])
+    if len(xs) == 0 or cap < xs[0]:
+        return math.nan
+    return float(np.interp(cap, xs, ys))
+
+
+def first_reaching(rows: list[dict[str, float]], accuracy: float, key: str) -> float:
+    for row in rows:
+        if row["accuracy"] >= accuracy:
+            return row[key]
+    return math.nan
+
+
+def summarise(results: dict[str, list[dict[str, float]]], args: argparse.Namespace) -> str:
+    lines = [
+        "| method | rounds | final accuracy | upload (MB) | download (MB) | final density |"
+        " modelled time to 90% (s) |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for method, rows in results.items():
+        if not rows:
+            continue
+        last = rows[-1]
+        t90 = first_reaching(rows, 0.9, "modelled_time_s")
+        lines.append(
+            f"| {method} | {int(last['round'])} | {last['accuracy']:.4f} | "
+            f"{last['upload_bytes'] / 1e6:.1f} | {last['download_bytes'] / 1e6:.1f} | "
+            f"{last['density']:.3f} | {t90:.1f} |"
+        )
+    lines.append("")
+    lines.append("Targets (issue 4):")
+    fd, fa, fm, pf = (results.get(m, []) for m in METHODS[2::-1][::-1][:0] or [
+        "feddst", "fedavg", "fedavgm", "prunefl"])
+    if fd and fa:
+        diff = fd[-1]["accuracy"] - fa[-1]["accuracy"]
+        verdict = "met" if diff >= -0.01 else "missed"
+        lines.append(
+            f"- FedDST final accuracy {fd[-1]['accuracy']:.4f} vs FedAvg {fa[-1]['accuracy']:.4f}"
+            f" ({100 * diff:+.2f} points; target >= -1): {verdict}"
+        )
+    if fd and fm:
+        for r in (100, 200, 400):
+            at = [row for row in fd if row["round"] == r]
+            if not at:
+                continue
+            cap = at[0]["upload_bytes"]
+            ours = at[0]["accuracy"]
+            theirs = accuracy_at_upload(fm, cap)
+            gap = 100 * (ours - theirs)
+            verdict = "met" if gap >= 3 else "missed"
+            lines.append(
+                f"- upload cap {cap / 1e6:.1f} MB (FedDST round {r}): FedDST {ours:.4f}, FedAvgM"
+                f" {theirs:.4f} ({gap:+.2f} points; target >= +3): {verdict}"
+            )
+    if pf and fa:
+        tp = first_reaching(pf, 0.9, "modelled_time_s")
+        ta = first_reaching(fa, 0.9, "modelled_time_s")
+        verdict = "met" if tp < ta else "missed"
+        lines.append(
+            f"- modelled time to 90%: PruneFL {tp:.1f} s vs FedAvg {ta:.1f} s: {verdict}"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def plot(results: dict[str, list[dict[str, float]]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.2))
+    for method, rows in results.items():
+        if not rows:
+            continue
+        ax1.plot([r["round"] for r in rows], [r["accuracy"] for r in rows], label=method)
+        ax2.plot(
+            [r["upload_bytes"] / 1e6 for r in rows], [r["accuracy"] for r in rows], label=method
+        )
+    ax1.set_xlabel("round")
+    ax2.set_xlabel("cumulative upload (MB)")
+    for ax in (ax1, ax2):
+        ax.set_ylabel("test accuracy")
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.suptitle("MNIST, 400 clients x 2 classes, 20 per round (FedDST setting)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rounds", type=int, default=400)
+    parser.add_argument("--methods", default=",".join(METHODS))
+    parser.add_argument("--clients", type=int, default=400)
+    parser.add_argument("--per-round", type=int, default=20)
+    parser.add_argument("--epochs", type=int, default=10)
+    parser.add_argument("--eval-every", type=int, default=10)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--jobs", type=int, default=2, help="methods run in parallel")
+    parser.add_argument(
+        "--data-dir", type=Path, default=DEFAULT_DATA if DEFAULT_DATA.exists() else None
+    )
+    parser.add_argument("--out", type=Path, default=Path("mnist_repro"))
+    parser.add_argument("--work", type=Path, default=Path("mnist_repro_work"))
+    parser.add_argument("--export-only", action="store_true", help="write outputs from stores")
+    args = parser.parse_args(argv)
+    if args.data_dir is None:
+        parser.error("MNIST not found: pass --data-dir DIR (IDX files, see docs/data.md)")
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    unknown = sorted(set(methods) - set(METHODS))
+    if unknown:
+        parser.error(f"unknown methods {unknown}; known: {', '.join(METHODS)}")
+    args.out.mkdir(parents=True, exist_ok=True)
+    args.work.mkdir(parents=True, exist_ok=True)
+    if not args.export_only:
+        ctx = mp.get_context("spawn")
+        pending = list(methods)
+        running: list[Any] = []
+        while pending or running:
+            while pending and len(running) < max(1, args.jobs):
+                method = pending.pop(0)
+                proc = ctx.Process(target=run_method, args=(method, args), name=method)
+                proc.start()
+                running.append(proc)
+            time.sleep(1.0)
+            for proc in [p for p in running if not p.is_alive()]:
+                running.remove(proc)
+                if proc.exitcode != 0:
+                    print(f"{proc.name} exited with {proc.exitcode}", file=sys.stderr)
+    results = {m: export(m, args) for m in methods}
+    plot(results, args.out / "mnist_repro.png")
+    summary = summarise(results, args)
+    command = "python bench/mnist_repro.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    (args.out / "summary.md").write_text(
+        f"Command: `{command}` (cores: {os.cpu_count()})\n\n{summary}"
+    )
+    print(summary)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
