@@ -1,0 +1,91 @@
+"""The device agent's configuration file (YAML), as a typed schema.
+
+Example (``examples/device.yaml``)::
+
+    device_id: pi-kitchen-01
+    broker:
+      url: mqtts://broker.example.org:8883
+      password_file: /etc/sparsefleet/password     # or tls client certificate below
+      tls:
+        ca_file: /etc/sparsefleet/ca.crt
+        cert_file: /etc/sparsefleet/device.crt
+        key_file: /etc/sparsefleet/device.key
+    data:
+      dataset: mnist
+      data_dir: /var/lib/sparsefleet/data
+    tags: [site=kitchen]
+
+Relative paths are relative to the file. Secrets are read from files (mode 0600), never from the
+YAML itself, so the YAML can be world-readable and logged.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from device.config import load
+from device.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class TlsConfig:
+    ca_file: Path
+    cert_file: Path | None = None  # client certificate (CN = device id)
+    key_file: Path | None = None
+    insecure: bool = False  # skip host name verification (tests only)
+
+
+@dataclass(frozen=True)
+class BrokerConfig:
+    url: str = "mqtt://127.0.0.1:1883"
+    username: str | None = None  # default: the device id
+    password_file: Path | None = None
+    tls: TlsConfig | None = None
+    session_expiry_s: int = 3600  # how long the broker keeps commands for an offline device
+    keepalive_s: int = 30
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    dataset: Literal["mnist", "digits"] = "mnist"
+    data_dir: Path | None = None  # IDX files for mnist (see docs/data.md)
+    split: Literal["train"] = "train"
+
+
+@dataclass(frozen=True)
+class DeviceConfig:
+    device_id: str
+    broker: BrokerConfig = field(default_factory=BrokerConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    tags: tuple[str, ...] = ()
+    topics_prefix: str = "fl/v1"
+    torch_threads: int = 0  # 0 = torch's default (all cores)
+    profile_on_start: bool = False  # measure the device profile before announcing
+    model_wait_s: float = 60.0
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+
+
+def load_device_config(path: str | Path) -> DeviceConfig:
+    """Load and validate a device config; ``ConfigError`` names the file, line and field."""
+    return load(path, DeviceConfig)
+
+
+def read_secret(path: Path, what: str) -> str:
+    """The first line of a secrets file; refuses files that others can read."""
+    try:
+        mode = path.stat().st_mode
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"{what} {path} does not exist") from None
+    except OSError as exc:
+        raise ConfigError(f"{what} {path} cannot be read: {exc.strerror}") from None
+    if mode & (stat.S_IRWXG | stat.S_IRWXO) and os.name == "posix":
+        raise ConfigError(f"{what} {path} is readable by others (mode {mode & 0o777:o}); chmod 600")
+    secret = text.splitlines()[0].strip() if text.strip() else ""
+    if not secret:
+        raise ConfigError(f"{what} {path} is empty")
+    return secret
