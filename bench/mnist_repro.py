@@ -208,8 +208,10 @@ def summarise(results: dict[str, list[dict[str, float]]], args: argparse.Namespa
         )
     lines.append("")
     lines.append("Targets (issue 4):")
-    fd, fa, fm, pf = (results.get(m, []) for m in METHODS[2::-1][::-1][:0] or [
-        "feddst", "fedavg", "fedavgm", "prunefl"])
+    fd, fa, fm, pf = (
+        results.get(m, [])
+        for m in METHODS[2::-1][::-1][:0] or ["feddst", "fedavg", "fedavgm", "prunefl"]
+    )
     if fd and fa:
         diff = fd[-1]["accuracy"] - fa[-1]["accuracy"]
         verdict = "met" if diff >= -0.01 else "missed"
@@ -235,9 +237,7 @@ def summarise(results: dict[str, list[dict[str, float]]], args: argparse.Namespa
         tp = first_reaching(pf, 0.9, "modelled_time_s")
         ta = first_reaching(fa, 0.9, "modelled_time_s")
         verdict = "met" if tp < ta else "missed"
-        lines.append(
-            f"- modelled time to 90%: PruneFL {tp:.1f} s vs FedAvg {ta:.1f} s: {verdict}"
-        )
+        lines.append(f"- modelled time to 90%: PruneFL {tp:.1f} s vs FedAvg {ta:.1f} s: {verdict}")
     return "\n".join(lines) + "\n"
 
 
