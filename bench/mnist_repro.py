@@ -121,10 +121,10 @@ def run_method(method: str, args: argparse.Namespace) -> None:
 def export(method: str, args: argparse.Namespace) -> list[dict[str, float]]:
     """CSV rows of a method from its store (works for a finished or a partial run)."""
     from device.models import create_model, prunable_names
+    from device.wire.messages import LocalTraining
     from fleet.store import Store
     from fleet.strategies.base import GlobalModel
     from fleet.strategies.prunefl import PruneFLOptions, cost_model
-    from device.wire.messages import LocalTraining
 
     store_dir = args.work / method
     if not (store_dir / "fleet.db").exists():
