@@ -8,6 +8,13 @@
 | ``dev_update(d, run, round)``  | ``{prefix}/dev/{d}/up/{run}/{round}``  | 1, never retained     |
 | ``run_model(run)``             | ``{prefix}/runs/{run}/model``          | 1, retained           |
 | ``fleet_status()``             | ``{prefix}/fleet/status``              | 1, retained; will     |
+| ``agg_close(run)``             | ``{prefix}/agg/{run}/close``           | 1, never retained     |
+| ``agg_partial(run, worker)``   | ``{prefix}/agg/{run}/partial/{worker}``| 1, never retained     |
+
+The two ``agg`` topics are the sharded-aggregation handover (``fleet.aggregator``): the
+coordinator asks every worker for its partial sums of a round on ``agg_close``; each worker
+answers on its own ``agg_partial`` topic. Never retained: a retained request would be replayed
+to every worker that subscribes later.
 
 A payload too large for the broker travels as a manifest on the topic above and chunk ``i`` on
 ``{topic}/{i}`` (``chunk_topic``); ``parse`` reports the chunk index of such a topic.
@@ -217,6 +224,15 @@ class Topics:
     def fleet_status(self) -> str:
         return f"{self.prefix}/fleet/status"
 
+    def agg_close(self, run_id: str) -> str:
+        """Coordinator -> every aggregator worker: hand over your partial sums of a round."""
+        return f"{self.prefix}/agg/{validate_id(run_id, 'run id')}/close"
+
+    def agg_partial(self, run_id: str, worker_id: str) -> str:
+        """Aggregator worker -> coordinator: where its partial sums of a round are."""
+        r = validate_id(run_id, "run id")
+        return f"{self.prefix}/agg/{r}/partial/{validate_id(worker_id, 'worker id')}"
+
     # -- filters ------------------------------------------------------------------------------
 
     def all_status(self) -> str:
@@ -238,6 +254,10 @@ class Topics:
         over the members, so none of them could reassemble it (see docs/protocol.md).
         """
         return f"$share/{validate_id(group, 'group')}/{self.all_updates(run_id)}"
+
+    def all_agg_partials(self, run_id: str) -> str:
+        """Every aggregator worker's handover notices of one run (the coordinator's filter)."""
+        return f"{self.prefix}/agg/{validate_id(run_id, 'run id')}/partial/+"
 
     # -- parsing ------------------------------------------------------------------------------
 

@@ -1,0 +1,170 @@
+"""Sharded aggregation throughput: decode + validate + exact accumulate, one worker and three.
+
+``femnist_cnn`` (6.6 M weights) with a global mask at density 0.13 on its prunable tensors;
+``--updates`` device updates with fp16 values on that mask (PruneFL/FedAvg-on-mask rounds, the
+``mean`` accumulator), encoded once. Three measurements in one run, same updates:
+
+- baseline: plain numpy that only scatter-adds the already decoded values, example-weighted, in
+  float64 (``acc[idx] += w * v``), per tensor;
+- one worker: one process runs what ``fleet.aggregator.AggregatorWorker`` does per update minus
+  the store write and the MQTT ack (envelope decode, ``check_routing``, ``reconstruct``,
+  ``strategy.check_result``, ``Accumulator.add``);
+- three workers: three processes, each with a third of the updates (a shared subscription's
+  round robin), timed from the first start to the last end.
+
+Rates are updates per second. Prints the figures; ``--json PATH`` writes
+``one_worker_vs_baseline``, ``three_vs_one``, ``cores`` and the raw rates.
+
+    python bench/aggregate.py --json /tmp/aggregate.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from device.models import create_model, prunable_names  # noqa: E402
+from device.wire import envelope  # noqa: E402
+from device.wire.codec import KnownMask, SparseTensor, model_digest  # noqa: E402
+from device.wire.messages import DeviceUpdate, Envelope, ValueDType  # noqa: E402
+from fleet.strategies import create_strategy  # noqa: E402
+from fleet.strategies.accumulate import Accumulator  # noqa: E402
+from fleet.strategies.base import GlobalModel  # noqa: E402
+from fleet.validate import Expectation, check_routing, reconstruct  # noqa: E402
+
+DENSITY = 0.13
+RUN = "bench"
+
+
+def build(updates: int, seed: int) -> tuple[GlobalModel, list[tuple[str, bytes]]]:
+    """The global model and ``updates`` encoded fp16 updates on its mask."""
+    module = create_model("femnist_cnn", seed=seed)
+    weights = {k: v.detach().numpy().astype(np.float32) for k, v in module.state_dict().items()}
+    rng = np.random.default_rng(seed)
+    masks = {}
+    for name in prunable_names(module):
+        flat = np.zeros(weights[name].size, dtype=bool)
+        flat[rng.choice(flat.size, round(DENSITY * flat.size), replace=False)] = True
+        masks[name] = flat.reshape(weights[name].shape)
+        weights[name] = np.where(masks[name], weights[name], 0).astype(np.float32)
+    model = GlobalModel(1, weights, masks, "femnist_cnn")
+    digest = model_digest(model.weights, model.masks)
+    book = {n: KnownMask(version=1, mask=m) for n, m in masks.items()}
+    out = []
+    for i in range(updates):
+        deltas = {}
+        for name, w in weights.items():
+            mask = masks.get(name, np.ones(w.shape, dtype=bool))
+            delta = (rng.standard_normal(w.shape) * 0.01).astype(np.float32)
+            deltas[name] = SparseTensor.from_dense(np.where(mask, delta, 0), mask)
+        body = DeviceUpdate(1, digest, deltas, num_examples=int(rng.integers(50, 500)))
+        device_id = f"dev-{i:04d}"
+        env = Envelope(body=body, run_id=RUN, round=1, device_id=device_id)
+        out.append((device_id, envelope.encode(env, book=book, dtype=ValueDType.FP16)))
+    return model, out
+
+
+def work(model: GlobalModel, payloads: list[tuple[str, bytes]]) -> tuple[float, float]:
+    """One worker's job over ``payloads``; returns its (start, end) wall-clock times."""
+    strategy = create_strategy("prunefl")
+    digest = model_digest(model.weights, model.masks)
+    book = {n: KnownMask(version=model.version, mask=m) for n, m in model.masks.items()}
+    selected = tuple(d for d, _ in payloads)
+    exp = Expectation(RUN, 1, selected, model, digest)
+    acc = Accumulator.for_model("prunefl", model)
+    start = time.time()
+    for device_id, payload in payloads:
+        env = envelope.decode(payload, book_for=lambda v: book if v == model.version else None)
+        update = check_routing(env, device_id, RUN, 1, exp)
+        result = reconstruct(update, model, device_id=device_id, model_digest=digest)
+        strategy.check_result(model, result)
+        acc.add(result)
+    return start, time.time()
+
+
+def _child(args: tuple[GlobalModel, list[tuple[str, bytes]]]) -> tuple[float, float]:
+    return work(*args)
+
+
+def baseline(model: GlobalModel, payloads: list[tuple[str, bytes]]) -> float:
+    """Seconds to scatter-add the pre-decoded values of every update (float64, weighted)."""
+    decoded = []
+    for _, payload in payloads:
+        body = envelope.decode(
+            payload,
+            book_for=lambda v: {n: KnownMask(version=1, mask=m) for n, m in model.masks.items()},
+        ).body
+        assert isinstance(body, DeviceUpdate)
+        parts = {
+            n: (np.flatnonzero(t.mask), np.asarray(t.values, dtype=np.float32))
+            for n, t in body.deltas.items()
+        }
+        decoded.append((body.num_examples, parts))
+    sums = {n: np.zeros(w.size, dtype=np.float64) for n, w in model.weights.items()}
+    start = time.perf_counter()
+    for count, parts in decoded:
+        for name, (idx, values) in parts.items():
+            sums[name][idx] += values.astype(np.float64) * count
+    return time.perf_counter() - start
+
+
+def parallel(model: GlobalModel, payloads: list[tuple[str, bytes]], workers: int) -> float:
+    """Updates per second of ``workers`` processes, each taking every ``workers``-th update."""
+    ctx = mp.get_context("fork")
+    shares = [(model, payloads[i::workers]) for i in range(workers)]
+    with ctx.Pool(workers) as pool:
+        spans = pool.map(_child, shares)
+    wall = max(e for _, e in spans) - min(s for s, _ in spans)
+    return len(payloads) / wall
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--updates", type=int, default=12, help="updates per measurement")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--json", type=Path, help="write the figures here")
+    args = parser.parse_args(argv)
+    model, payloads = build(args.updates, args.seed)
+    mean_bytes = sum(len(p) for _, p in payloads) / len(payloads)
+    base_rate = len(payloads) / baseline(model, payloads)
+    one = parallel(model, payloads, 1)
+    three = parallel(model, payloads, 3)
+    cores = len(os.sched_getaffinity(0))
+    figures: dict[str, Any] = {
+        "updates": len(payloads),
+        "update_bytes": mean_bytes,
+        "density": DENSITY,
+        "baseline_updates_per_s": base_rate,
+        "one_worker_updates_per_s": one,
+        "three_workers_updates_per_s": three,
+        "one_worker_vs_baseline": one / base_rate,
+        "three_vs_one": three / one,
+        "cores": cores,
+    }
+    print(
+        f"femnist_cnn, density {DENSITY}, fp16 values, {len(payloads)} updates of "
+        f"{mean_bytes / 1e6:.2f} MB, {cores} cores\n"
+        f"  baseline scatter-add : {base_rate:8.1f} updates/s\n"
+        f"  one worker           : {one:8.1f} updates/s ({one / base_rate:.2f} x baseline, "
+        "target >= 0.5)\n"
+        f"  three workers        : {three:8.1f} updates/s ({three / one:.2f} x one worker, "
+        "target >= 2 with >= 3 free cores)"
+    )
+    if args.json is not None:
+        args.json.write_text(json.dumps(figures, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
