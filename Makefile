@@ -7,12 +7,14 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 PYTEST_ARGS ?=
 
-.PHONY: help system-deps venv install lint typecheck test test-all test-slow proto demo bench clean
+.PHONY: help system-deps venv install lint typecheck test test-all test-slow test-ansible wheel proto demo bench clean
 
 help:
 	@echo "make demo       set up, then run the demo federated run (local broker, simulated devices)"
 	@echo "make test       set up, then run the test suite (fast and integration tests, not 'slow')"
 	@echo "make test-all   the whole suite, slow end-to-end tests included"
+	@echo "make test-ansible  converge the Ansible roles for real (slow: minutes per playbook)"
+	@echo "make wheel      build the sparsefleet wheel into dist/ (what the device role installs)"
 	@echo "make lint       ruff and mypy on device/ and fleet/"
 	@echo "make proto      regenerate device/wire/pb from proto/"
 	@echo "make bench      run the benchmarks in bench/ (figures, not tests)"
@@ -50,6 +52,13 @@ test-all: system-deps install
 
 test-slow: system-deps install
 	$(VENV)/bin/pytest -m slow $(PYTEST_ARGS)
+
+test-ansible: system-deps install
+	$(VENV)/bin/pytest -m slow tests/ansible $(PYTEST_ARGS)
+
+wheel: install
+	rm -f dist/sparsefleet-*.whl
+	$(PY) -m pip wheel -q --no-deps --no-build-isolation -w dist .
 
 proto: install
 	$(PY) -m device.wire.gen
