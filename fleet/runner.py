@@ -14,6 +14,7 @@ redelivered updates are recognised as duplicates.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import logging
 import math
 import time
@@ -549,9 +550,25 @@ class Runner:
                 self._on_status(parsed.device_id, message)
             elif parsed.kind == "dev_events":
                 self._on_event(parsed.device_id, message, state)
+            elif parsed.kind == "dev_update" and message.retain:
+                # Updates are never retained (DESIGN section 4) and the ACL cannot forbid the
+                # flag: a retained one would be replayed to every new subscriber.
+                retained = ValidationError("retained message on an update topic", reason="retained")
+                self._reject(parsed.device_id, parsed.round, retained)
+                if state is not None:
+                    state.rejected += 1
             elif parsed.kind == "dev_update" and parsed.round == 0:
                 if parsed.device_id == self._initial_device and parsed.run_id == self.spec.run_id:
                     self._on_initial_result(parsed.device_id, message)
+                else:
+                    self._reject(
+                        parsed.device_id,
+                        0,
+                        ValidationError(
+                            "initial pruning result from a device no initial job waits for",
+                            reason="not_selected",
+                        ),
+                    )
             elif parsed.kind == "dev_update":
                 self._on_update(parsed.device_id, parsed.run_id, parsed.round, message, state)
                 return  # acknowledged inside, after the write
@@ -601,7 +618,11 @@ class Runner:
     def _on_update(
         self, device_id: str, run_id: str, round_: int, message: Message, state: _RoundState | None
     ) -> None:
-        assert self.model is not None
+        if self.model is None:
+            # Before run() has made or restored the model (connect, wait_for_devices): a
+            # redelivered update waits, unacknowledged, for the first round to judge it.
+            self._deferred.append(message)
+            return
         try:
             if len(message.payload) > self.spec.max_update_bytes:
                 raise ValidationError(
@@ -633,8 +654,8 @@ class Runner:
             )
             update = check_routing(env, device_id, run_id, round_, exp)
             if device_id in state.results:
-                # A redelivery (e.g. after a restart) of an update we already hold.
-                log.info("duplicate update from %s for round %d ignored", device_id, state.round)
+                self._check_redelivery(device_id, state.round, message)
+                log.info("redelivered update from %s for round %d ignored", device_id, state.round)
                 self.transport.ack(message)
                 return
             result = reconstruct(
@@ -677,6 +698,19 @@ class Runner:
                     "received": len(state.results),
                     "selected": len(state.selected),
                 },
+            )
+
+    def _check_redelivery(self, device_id: str, round_: int, message: Message) -> None:
+        """A second update of ``device_id`` for a round that holds one already must be the same
+        bytes: a redelivery (the broker re-sends what was stored but not acknowledged when the
+        fleet manager stopped), which changes nothing. Different bytes are a device counting
+        twice or replacing its update: ``ValidationError("duplicate")``. The first one stays.
+        """
+        stored = self.store.get_update(self.spec.run_id, round_, device_id)
+        if stored is None or stored.payload_digest != hashlib.sha256(message.payload).hexdigest():
+            raise ValidationError(
+                f"a different update for round {round_} after the one already accepted",
+                reason="duplicate",
             )
 
     def _accept_late(self, device_id: str, env: Envelope, message: Message) -> None:

@@ -10,7 +10,7 @@ results are the same on every platform.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
 import numpy.typing as npt
@@ -250,6 +250,11 @@ def sparse_vote_merge(
     *,
     min_votes: int = 1,
     fill_to_budget: bool = True,
+    combine: Callable[
+        [Sequence[FloatArray], Sequence[BoolArray] | None, Sequence[float], FloatArray],
+        FloatArray,
+    ]
+    | None = None,
 ) -> tuple[dict[str, FloatArray], dict[str, BoolArray]]:
     """FedDST's server step: masked mean, mask voting, per-layer top-k back to the budget.
 
@@ -262,7 +267,9 @@ def sparse_vote_merge(
     exactly the budget; without it (the reference code) the mask just keeps fewer. Everything
     outside the new mask is zero. Unmasked tensors get the plain example-weighted mean.
 
-    ``client_masks[i]`` must hold a mask for every masked tensor. Returns ``(weights, masks)``.
+    ``client_masks[i]`` must hold a mask for every masked tensor. ``combine(values, masks or
+    None, num_examples, global)`` replaces the (masked) weighted mean, e.g. by a robust
+    statistic (``fleet.robust``); None keeps the mean. Returns ``(weights, masks)``.
     """
     if not client_weights:
         raise ValueError("sparse_vote_merge needs at least one client")
@@ -273,10 +280,16 @@ def sparse_vote_merge(
     for name, g in global_weights.items():
         values = [cw[name] for cw in client_weights]
         if name not in global_masks:
-            weights_out[name] = weighted_mean(values, num_examples)
+            if combine is None:
+                weights_out[name] = weighted_mean(values, num_examples)
+            else:
+                weights_out[name] = combine(values, None, num_examples, np.asarray(g, np.float32))
             continue
         masks = [cm[name] for cm in client_masks]
-        mean = masked_weighted_mean(values, masks, num_examples, fallback=g)
+        if combine is None:
+            mean = masked_weighted_mean(values, masks, num_examples, fallback=g)
+        else:
+            mean = combine(values, masks, num_examples, np.asarray(g, np.float32))
         votes = vote_counts(masks)
         eligible = votes >= max(min_votes, 1)
         if fill_to_budget:

@@ -21,6 +21,7 @@ import numpy.typing as npt
 
 from device.errors import ConfigError
 from device.wire.messages import InitialPruneResult, LocalTraining, ValueDType
+from fleet.robust import RobustOptions, clip_results
 from fleet.strategies.aggregate import apply_masks, momentum_step, weighted_mean
 from fleet.strategies.base import (
     Candidate,
@@ -38,7 +39,14 @@ from fleet.strategies.base import (
     select_uniform,
 )
 
-__all__ = ["FedAvg", "FedAvgM", "FedAvgMOptions", "FedAvgOptions", "fedavg_weights"]
+__all__ = [
+    "FedAvg",
+    "FedAvgM",
+    "FedAvgMOptions",
+    "FedAvgOptions",
+    "fedavg_weights",
+    "robust_fedavg_weights",
+]
 
 
 @dataclass(frozen=True)
@@ -46,15 +54,19 @@ class FedAvgOptions:
     """FedAvg's settings.
 
     ``clients_per_round``: updates aggregated per round (the FedDST paper's MNIST setting: 20);
-    ``training``: local SGD settings sent to devices; ``upload_dtype``: value encoding of updates.
+    ``training``: local SGD settings sent to devices; ``upload_dtype``: value encoding of updates;
+    ``robust``: clipping and trimmed mean / median (``fleet.robust``; a mapping of its fields
+    is accepted, as configs give it; off by default).
     """
 
     clients_per_round: int = 20
     training: LocalTraining = field(default_factory=LocalTraining)
     upload_dtype: ValueDType = ValueDType.FP32
+    robust: RobustOptions = field(default_factory=RobustOptions)
 
     def __post_init__(self) -> None:
         check_common_options("fedavg", self.clients_per_round, self.training, self.upload_dtype)
+        object.__setattr__(self, "robust", RobustOptions.coerce(self.robust, "fedavg"))
 
 
 @dataclass(frozen=True)
@@ -66,9 +78,11 @@ class FedAvgMOptions:
     upload_dtype: ValueDType = ValueDType.FP32
     beta: float = 0.9
     server_lr: float = 1.0
+    robust: RobustOptions = field(default_factory=RobustOptions)
 
     def __post_init__(self) -> None:
         check_common_options("fedavgm", self.clients_per_round, self.training, self.upload_dtype)
+        object.__setattr__(self, "robust", RobustOptions.coerce(self.robust, "fedavgm"))
         if not 0.0 <= self.beta < 1.0:
             raise ConfigError(f"fedavgm: beta must be in [0, 1), got {self.beta}")
         if not 0.0 < self.server_lr < float("inf"):
@@ -84,6 +98,24 @@ def fedavg_weights(model: GlobalModel, results: Sequence[ClientResult]) -> dict[
         name: weighted_mean([r.weights[name] for r in results], counts) for name in model.weights
     }
     return apply_masks(mean, model.masks)
+
+
+def robust_fedavg_weights(
+    model: GlobalModel, results: Sequence[ClientResult], robust: RobustOptions
+) -> dict[str, FloatArray]:
+    """``fedavg_weights`` after clipping each result, or the coordinate-wise trimmed mean or
+    median instead of the mean (``fleet.robust``); exactly ``fedavg_weights`` when ``robust``
+    is off."""
+    results = clip_results(model, results, robust.clip_norm)
+    combiner = robust.combiner()
+    if combiner is None:
+        return fedavg_weights(model, results)
+    counts = [r.num_examples for r in results]
+    combined = {
+        name: combiner([r.weights[name] for r in results], None, counts, g)
+        for name, g in model.weights.items()
+    }
+    return apply_masks(combined, model.masks)
 
 
 def _dense_round(
@@ -152,7 +184,7 @@ class FedAvg:
         check_round(round)
         for r in results:
             self.check_result(model, r)
-        weights = fedavg_weights(model, results)
+        weights = robust_fedavg_weights(model, results, self.options.robust)
         masks = {name: m.copy() for name, m in model.masks.items()}
         return GlobalModel(model.version + 1, weights, masks, model.model_name)
 
@@ -212,7 +244,7 @@ class FedAvgM:
         check_round(round)
         for r in results:
             self.check_result(model, r)
-        average = fedavg_weights(model, results)
+        average = robust_fedavg_weights(model, results, self.options.robust)
         weights: dict[str, FloatArray] = {}
         momentum: dict[str, FloatArray] = {}
         for name, g in model.weights.items():

@@ -43,6 +43,7 @@ from device.wire.messages import (
     Readjust,
     ValueDType,
 )
+from fleet.robust import RobustOptions, clip_results
 from fleet.strategies.aggregate import sparse_vote_merge
 from fleet.strategies.base import (
     Candidate,
@@ -75,7 +76,8 @@ class FedDSTOptions:
     readjusts (in (0, 1]; 1.0 = the reference code). ``grad_window``: minibatches of gradient
     for growth (0 = the last local epoch). ``grow``: gradient (RigL) or random (SET).
     ``min_votes`` >= 1: devices that must hold a coordinate for it to stay a candidate.
-    ``fill_to_budget``: module docstring.
+    ``fill_to_budget``: module docstring. ``robust``: clipping and trimmed mean / median over
+    each coordinate's holders instead of their weighted mean (``fleet.robust``; off by default).
     """
 
     clients_per_round: int = 20
@@ -94,9 +96,11 @@ class FedDSTOptions:
     grow: GrowPolicy = GrowPolicy.GRADIENT
     min_votes: int = 1
     fill_to_budget: bool = True
+    robust: RobustOptions = field(default_factory=RobustOptions)
 
     def __post_init__(self) -> None:
         check_common_options("feddst", self.clients_per_round, self.training, self.upload_dtype)
+        object.__setattr__(self, "robust", RobustOptions.coerce(self.robust, "feddst"))
         if not 0.0 < self.density <= 1.0 or math.isnan(self.density):
             raise ConfigError(
                 f"feddst: density must be a kept fraction in (0, 1], got {self.density}"
@@ -237,6 +241,8 @@ class FedDST:
             )
         for r in results:
             self.check_result(model, r)
+        robust = self.options.robust
+        results = clip_results(model, results, robust.clip_norm)
         weights, masks = sparse_vote_merge(
             model.weights,
             model.masks,
@@ -246,6 +252,7 @@ class FedDST:
             self._budgets,
             min_votes=self.options.min_votes,
             fill_to_budget=self.options.fill_to_budget,
+            combine=robust.combiner(),
         )
         return GlobalModel(model.version + 1, weights, masks, model.model_name)
 
