@@ -1,0 +1,455 @@
+"""Run configuration files: YAML validated into dataclasses, then turned into a ``RunSpec``.
+
+A run file has up to four sections (only ``run`` is required)::
+
+    run:          # what the fleet manager runs -> fleet.runner.RunSpec
+      id: mnist-feddst          # optional; default: the file's stem and the start time
+      model: mnist_cnn          # device.models registry name
+      strategy: feddst          # fleet.strategies registry name
+      rounds: 100
+      clients_per_round: 10     # k: updates that close a round
+      training: {epochs: 1, lr: 0.01}      # LocalTraining fields, sent to every device
+      options: {density: 0.2}   # the strategy's own options (its *Options dataclass)
+    data:         # evaluation data of the fleet manager, and the simulated devices' data
+      dataset: mnist
+      data_dir: ../data/mnist   # relative to the YAML file
+      partition: shards
+    simulation:   # only for `fleet simulate`
+      devices: 20
+    broker:       # only for `fleet run start` (the CLI's --broker overrides url)
+      url: mqtts://broker.example.org
+
+Every error raises ``ConfigError`` naming the file, the line and the field
+(``device.config.load`` does that for types and unknown keys; the cross-field checks here do it
+for strategy options, model/dataset compatibility and run ids). ``check`` is what
+``fleet config check`` runs: loading the file and building the strategy it names, so a file that
+passes can be started.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from device.config import load, read_yaml
+from device.data import dataset_names, partitioner_names
+from device.errors import ConfigError
+from device.models import model_names, model_spec
+from device.wire.messages import LocalTraining
+from device.wire.mqtt import TlsSettings, parse_broker_url
+from device.wire.topics import validate_prefix
+from fleet.runner import RunSpec
+from fleet.sim import Faults, SimSpec
+from fleet.strategies import create_strategy, strategy_names
+
+__all__ = [
+    "RUN_ID_PATTERN",
+    "BrokerConfig",
+    "DataConfig",
+    "FleetConfig",
+    "RunConfig",
+    "SimConfig",
+    "TlsConfig",
+    "check_run_id",
+    "default_run_id",
+    "demo_config",
+    "dense_baseline",
+    "describe",
+    "load_config",
+    "run_spec",
+    "sim_spec",
+    "strategy_options",
+]
+
+RUN_ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+"""Run ids name files in the state directory and one MQTT topic level, so they are kept short
+and plain: 1..64 characters from ``A-Z a-z 0-9 . _ -``, starting with a letter or digit."""
+
+# Input shape of one example of each registered dataset, to refuse a model that cannot read it
+# before any device trains (an unknown, future dataset is not checked).
+_DATASET_INPUT_SHAPES: dict[str, tuple[int, ...]] = {"mnist": (1, 28, 28), "digits": (1, 8, 8)}
+
+# Strategy options that only repeat the run's own settings; they are filled in from ``run``.
+_RUN_LEVEL_OPTIONS = ("clients_per_round", "training")
+# Options that must equal the run's length when not given (FedDST's default T_end is half of it).
+_RUN_LENGTH_OPTION = {"feddst": "total_rounds"}
+
+
+def check_run_id(run_id: str) -> str:
+    """Return ``run_id`` if it is allowed (``RUN_ID_PATTERN``); ``ConfigError`` otherwise."""
+    if not RUN_ID_PATTERN.fullmatch(run_id):
+        raise ConfigError(
+            f"run id {run_id!r} is not allowed: use 1 to 64 characters from A-Z a-z 0-9 . _ -, "
+            "starting with a letter or digit"
+        )
+    return run_id
+
+
+def default_run_id(stem: str, now: float | None = None) -> str:
+    """``{stem}-{YYYYmmdd-HHMMSS}`` in local time, with characters a run id cannot hold
+    replaced by ``-``."""
+    when = time.strftime("%Y%m%d-%H%M%S", time.localtime(time.time() if now is None else now))
+    clean = re.sub(r"[^A-Za-z0-9._-]", "-", stem).lstrip("._-")[:40] or "run"
+    return f"{clean}-{when}"
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """The ``run`` section: what ``fleet.runner.RunSpec`` needs (see its docstring).
+
+    ``rounds`` >= 1; ``clients_per_round`` (k) >= 1; ``over_select`` >= 1 (select
+    ``ceil(k * over_select)`` devices); ``round_timeout_s`` > 0 seconds; ``eval_every`` >= 1
+    rounds; ``max_update_bytes`` > 0. ``tags`` are device tag selectors ("key" or "key=value").
+    """
+
+    model: str
+    strategy: str
+    rounds: int
+    clients_per_round: int
+    id: str | None = None
+    training: LocalTraining = field(default_factory=LocalTraining)
+    options: dict[str, Any] = field(default_factory=dict)
+    over_select: float = 1.0
+    min_updates: int = 1
+    round_timeout_s: float = 600.0
+    late_policy: Literal["drop", "next"] = "drop"
+    eval_every: int = 1
+    seed: int = 0
+    init_seed: int = 0
+    tags: tuple[str, ...] = ()
+    max_update_bytes: int = 256 * 1024 * 1024
+
+    def __post_init__(self) -> None:
+        # ValueError: the loader turns it into "file:line: run: <message>".
+        if self.model not in model_names():
+            raise ValueError(f"model: unknown model {self.model!r}; known: {_known(model_names())}")
+        if self.strategy not in strategy_names():
+            raise ValueError(
+                f"strategy: unknown strategy {self.strategy!r}; known: {_known(strategy_names())}"
+            )
+        if self.id is not None and not RUN_ID_PATTERN.fullmatch(self.id):
+            raise ValueError(
+                f"id: {self.id!r} is not a valid run id (1 to 64 characters from "
+                "A-Z a-z 0-9 . _ -, starting with a letter or digit)"
+            )
+        for name, ok, rule in (
+            ("rounds", self.rounds >= 1, "at least 1"),
+            ("clients_per_round", self.clients_per_round >= 1, "at least 1"),
+            ("over_select", self.over_select >= 1.0, "at least 1.0"),
+            ("min_updates", self.min_updates >= 1, "at least 1"),
+            ("round_timeout_s", self.round_timeout_s > 0, "more than 0 seconds"),
+            ("eval_every", self.eval_every >= 1, "at least 1 round"),
+            ("max_update_bytes", self.max_update_bytes > 0, "more than 0 bytes"),
+        ):
+            if not ok:
+                raise ValueError(f"{name}: must be {rule}, got {getattr(self, name)!r}")
+        repeated = [key for key in _RUN_LEVEL_OPTIONS if key in self.options]
+        if repeated:
+            raise ValueError(
+                f"options.{repeated[0]}: set it once, as run.{repeated[0]}, not in run.options"
+            )
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """The ``data`` section: the dataset the fleet manager evaluates on (its test split) and,
+    in a simulation, the one partitioned over the simulated devices.
+
+    ``data_dir`` is relative to the YAML file (mnist needs one; digits is bundled).
+    ``evaluate``: evaluate the global model on the test split after rounds (``run.eval_every``).
+    """
+
+    dataset: str = "digits"
+    data_dir: Path | None = None
+    partition: str = "iid"
+    partition_options: dict[str, Any] = field(default_factory=dict)
+    evaluate: bool = True
+
+    def __post_init__(self) -> None:
+        if self.dataset not in dataset_names():
+            raise ValueError(
+                f"dataset: unknown dataset {self.dataset!r}; known: {_known(dataset_names())}"
+            )
+        if self.partition not in partitioner_names():
+            raise ValueError(
+                f"partition: unknown partitioner {self.partition!r}; "
+                f"known: {_known(partitioner_names())}"
+            )
+
+
+@dataclass(frozen=True)
+class SimConfig:
+    """The ``simulation`` section (``fleet.sim.SimSpec``): ``devices`` >= 1 simulated devices,
+    hosted by ``processes`` worker processes over MQTT, ``torch_threads`` per training job;
+    ``faults`` are fractions of the devices in [0, 1] (``fleet.sim.Faults``)."""
+
+    devices: int = 10
+    processes: int = 2
+    torch_threads: int = 1
+    seed: int = 0
+    faults: Faults = field(default_factory=Faults)
+
+    def __post_init__(self) -> None:
+        for name, value in (
+            ("devices", self.devices),
+            ("processes", self.processes),
+            ("torch_threads", self.torch_threads),
+        ):
+            if value < 1:
+                raise ValueError(f"{name}: must be at least 1, got {value}")
+        f = self.faults
+        for name, fraction in (
+            ("never_answer", f.never_answer),
+            ("late", f.late),
+            ("disconnect", f.disconnect),
+        ):
+            if not 0.0 <= fraction <= 1.0:
+                raise ValueError(f"faults.{name}: must be a fraction in [0, 1], got {fraction}")
+        if f.never_answer + f.late + f.disconnect > 1.0:
+            raise ValueError("faults: never_answer + late + disconnect must not exceed 1")
+        if f.late_delay_s < 0 or f.latency_s < 0:
+            raise ValueError("faults: late_delay_s and latency_s must be >= 0 seconds")
+
+
+@dataclass(frozen=True)
+class TlsConfig:
+    """TLS files of the fleet manager's broker connection (paths relative to the YAML file)."""
+
+    ca_file: Path | None = None
+    cert_file: Path | None = None
+    key_file: Path | None = None
+    insecure: bool = False
+
+    def settings(self) -> TlsSettings:
+        return TlsSettings(
+            ca_file=None if self.ca_file is None else str(self.ca_file),
+            cert_file=None if self.cert_file is None else str(self.cert_file),
+            key_file=None if self.key_file is None else str(self.key_file),
+            insecure=self.insecure,
+        )
+
+
+@dataclass(frozen=True)
+class BrokerConfig:
+    """The ``broker`` section: where the fleet manager connects and as whom.
+
+    ``url`` is ``mqtt://host[:port]`` or ``mqtts://host[:port]`` (None: the CLI's ``--broker``,
+    else the local broker of ``fleet broker start``). ``password_file`` holds the password alone
+    on its first line (as ``fleet devices enroll`` writes it). ``prefix`` is the topic prefix.
+    """
+
+    url: str | None = None
+    username: str | None = None
+    password_file: Path | None = None
+    tls: TlsConfig | None = None
+    prefix: str = "fl/v1"
+
+    def __post_init__(self) -> None:
+        if self.url is not None:
+            parse_broker_url(self.url)  # ValueError names the URL
+        validate_prefix(self.prefix)
+        if self.password_file is not None and self.username is None:
+            raise ValueError("username: required when password_file is set")
+
+    def password(self) -> str | None:
+        """The password read from ``password_file`` (None without one)."""
+        if self.password_file is None:
+            return None
+        try:
+            text = self.password_file.read_text(encoding="utf-8")
+        except OSError as exc:
+            raise ConfigError(
+                f"broker.password_file {self.password_file}: cannot read: {exc.strerror}"
+            ) from None
+        line = text.splitlines()[0].strip() if text.strip() else ""
+        if not line:
+            raise ConfigError(f"broker.password_file {self.password_file} is empty")
+        return line
+
+
+@dataclass(frozen=True)
+class FleetConfig:
+    """A whole run file."""
+
+    run: RunConfig
+    data: DataConfig | None = None
+    simulation: SimConfig = field(default_factory=SimConfig)
+    broker: BrokerConfig = field(default_factory=BrokerConfig)
+
+
+def _known(names: list[str]) -> str:
+    return ", ".join(names)
+
+
+def _line(path: Path, dotted: str) -> int:
+    """The 1-based line of the key ``dotted`` ("run.options") in ``path``; 0 if not found."""
+    node = read_yaml(path)
+    line = 0
+    for part in dotted.split("."):
+        if not isinstance(node.value, dict) or part not in node.value:
+            return line
+        line = node.key_lines.get(part, node.line)
+        node = node.value[part]
+    return line
+
+
+def _located(path: Path, dotted: str, message: str) -> ConfigError:
+    line = _line(path, dotted)
+    where = f"{path}:{line}" if line else str(path)
+    return ConfigError(f"{where}: {dotted}: {message}")
+
+
+def strategy_options(run: RunConfig) -> dict[str, Any]:
+    """The strategy's options as stored in the RunSpec (JSON-able): ``run.options`` plus the
+    run-level ``clients_per_round`` and ``training``, and the run length where the strategy
+    uses it."""
+    options: dict[str, Any] = dict(run.options)
+    options["clients_per_round"] = run.clients_per_round
+    options["training"] = dataclasses.asdict(run.training)
+    length_option = _RUN_LENGTH_OPTION.get(run.strategy)
+    if length_option is not None:
+        options.setdefault(length_option, run.rounds)
+    return options
+
+
+def load_config(path: str | Path) -> FleetConfig:
+    """Load and fully validate a run file; ``ConfigError`` (file:line: field: problem) if bad.
+
+    Beyond types and known keys, checks that the strategy accepts its options and that the
+    model reads the dataset's examples.
+    """
+    path = Path(path)
+    config = load(path, FleetConfig)
+    try:
+        create_strategy(config.run.strategy, **strategy_options(config.run))
+    except (ConfigError, ValueError, TypeError) as exc:
+        raise _located(path, "run.options", str(exc)) from None
+    if config.data is not None:
+        expected = _DATASET_INPUT_SHAPES.get(config.data.dataset)
+        shape = model_spec(config.run.model).input_shape
+        if expected is not None and tuple(shape) != expected:
+            raise _located(
+                path,
+                "run.model",
+                f"model {config.run.model!r} reads examples of shape {tuple(shape)}, but dataset "
+                f"{config.data.dataset!r} has {expected}",
+            )
+    return config
+
+
+def run_spec(config: FleetConfig, run_id: str) -> RunSpec:
+    """The RunSpec of ``config`` under ``run_id`` (validated with ``check_run_id``)."""
+    run = config.run
+    return RunSpec(
+        run_id=check_run_id(run_id),
+        model_name=run.model,
+        strategy=run.strategy,
+        rounds=run.rounds,
+        clients_per_round=run.clients_per_round,
+        strategy_options=strategy_options(run),
+        over_select=run.over_select,
+        min_updates=run.min_updates,
+        round_timeout_s=run.round_timeout_s,
+        late_policy=run.late_policy,
+        eval_every=run.eval_every,
+        seed=run.seed,
+        tags=run.tags,
+        max_update_bytes=run.max_update_bytes,
+        init_seed=run.init_seed,
+    )
+
+
+def sim_spec(config: FleetConfig, *, devices: int | None = None) -> SimSpec:
+    """The SimSpec of ``config`` (the digits dataset when it has no ``data`` section);
+    ``devices`` overrides ``simulation.devices``."""
+    data = config.data or DataConfig()
+    sim = config.simulation
+    count = sim.devices if devices is None else devices
+    if count < 1:
+        raise ConfigError(f"--devices must be at least 1, got {count}")
+    return SimSpec(
+        devices=count,
+        dataset=data.dataset,
+        data_dir=data.data_dir,
+        partition=data.partition,
+        partition_options=dict(data.partition_options),
+        seed=sim.seed,
+        faults=sim.faults,
+        processes=sim.processes,
+        torch_threads=sim.torch_threads,
+    )
+
+
+def describe(config: FleetConfig, path: Path) -> Mapping[str, Any]:
+    """A short JSON-able summary of the run file ``path`` (what ``fleet config check`` prints)."""
+    run = config.run
+    return {
+        "file": str(path),
+        "id": run.id,
+        "model": run.model,
+        "strategy": run.strategy,
+        "rounds": run.rounds,
+        "clients_per_round": run.clients_per_round,
+        "options": strategy_options(run),
+        "dataset": None if config.data is None else config.data.dataset,
+        "devices": config.simulation.devices,
+        "broker": config.broker.url,
+    }
+
+
+DEMO_DEVICES = 20
+DEMO_PER_ROUND = 10
+
+
+def demo_config(
+    dataset: Literal["digits", "mnist"],
+    *,
+    data_dir: Path | None = None,
+    rounds: int | None = None,
+    devices: int = DEMO_DEVICES,
+    per_round: int = DEMO_PER_ROUND,
+) -> FleetConfig:
+    """The FedDST run of ``fleet demo`` (``examples/digits-demo.yaml`` is the digits one).
+
+    Chosen to finish in a few minutes on 2 CPU cores while FedDST clearly learns (docs/cli.md
+    has the measured figures): digits with the 4,810-parameter MLP, 30 rounds of 5 local
+    epochs; MNIST with FedDST's CNN, 8 rounds of at most 10 local steps. Density 0.2 (ERK),
+    data split iid over ``devices`` devices, ``per_round`` of them per round.
+    """
+    if dataset == "digits":
+        run = RunConfig(
+            model="mlp",
+            strategy="feddst",
+            rounds=30 if rounds is None else rounds,
+            clients_per_round=per_round,
+            training=LocalTraining(epochs=5, lr=0.05),
+            options={"density": 0.2, "readjust_every": 5},
+            round_timeout_s=120.0,
+        )
+    else:
+        run = RunConfig(
+            model="mnist_cnn",
+            strategy="feddst",
+            rounds=8 if rounds is None else rounds,
+            clients_per_round=per_round,
+            training=LocalTraining(epochs=1, lr=0.03, max_steps=10),
+            options={"density": 0.2, "readjust_every": 2},
+            round_timeout_s=300.0,
+        )
+    return FleetConfig(
+        run=run,
+        data=DataConfig(dataset=dataset, data_dir=data_dir, partition="iid"),
+        simulation=SimConfig(devices=devices),
+    )
+
+
+def dense_baseline(config: FleetConfig) -> FleetConfig:
+    """The same run with dense FedAvg: same model, data, devices, rounds and local training."""
+    return dataclasses.replace(
+        config, run=dataclasses.replace(config.run, strategy="fedavg", options={})
+    )

@@ -1,0 +1,86 @@
+"""Who is online right now, read from the broker's retained device statuses.
+
+The registry learns presence from births and wills only while a fleet manager is connected. When
+no run is going, ``fleet status`` still wants the live picture, so it connects briefly with a
+clean, throw-away session, receives every device's retained status (the birth, the will, or the
+offline status an agent publishes when it stops) and applies them through the registry, which
+keeps its session-epoch ordering: nothing older than what it knows can overwrite it.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+
+from device.errors import BrokerUnavailableError, DecodeError
+from device.wire import envelope
+from device.wire.broker import is_listening
+from device.wire.messages import DeviceStatus
+from device.wire.mqtt import MqttTransport, parse_broker_url
+from device.wire.topics import Topics
+from fleet.registry import DeviceRegistry
+
+log = logging.getLogger(__name__)
+
+__all__ = ["refresh_presence"]
+
+
+def refresh_presence(
+    registry: DeviceRegistry,
+    url: str,
+    *,
+    topics: Topics | None = None,
+    quiet_s: float = 0.3,
+    max_s: float = 3.0,
+    connect_timeout_s: float = 3.0,
+    username: str | None = None,
+    password: str | None = None,
+) -> int:
+    """Apply the retained statuses at ``url`` to ``registry``; returns how many it applied.
+
+    A retained status may be old, so it counts as "seen" at the time the device stamped it
+    (never later than now), not at the time it was read here.
+
+    Reads until no message came for ``quiet_s`` seconds (retained messages arrive right after
+    the subscription), at most ``max_s`` seconds. Raises ``BrokerUnavailableError`` when the
+    broker cannot be reached. Malformed statuses are skipped (and logged).
+    """
+    topics = topics or Topics()
+    address = parse_broker_url(url)
+    if not is_listening(address.host, address.port, timeout_s=connect_timeout_s):
+        raise BrokerUnavailableError(f"nothing accepts connections at {url}")
+    transport = MqttTransport(
+        f"fleet-cli-{os.getpid()}",
+        host=address.host,
+        port=address.port,
+        username=username,
+        password=password,
+        session_expiry_s=0,  # clean and throw-away: nothing is queued for this client later
+    )
+    transport.connect(timeout_s=connect_timeout_s)
+    applied = 0
+    try:
+        transport.subscribe(topics.all_status(), qos=1)
+        deadline = time.monotonic() + max_s
+        while time.monotonic() < deadline:
+            message = transport.get(timeout_s=quiet_s)
+            if message is None:
+                break
+            if not message.payload:
+                continue  # a cleared retained status
+            try:
+                parsed = topics.parse(message.topic)
+                body = envelope.decode(message.payload).body
+            except (DecodeError, ValueError) as exc:
+                log.warning("skipped the status on %s: %s", message.topic, exc)
+                continue
+            if not isinstance(body, DeviceStatus):
+                continue
+            stamped = body.timestamp_unix_s
+            seen = min(stamped, time.time()) if stamped > 0 else None
+            if registry.apply_status(parsed.device_id, body, received_at=seen):
+                applied += 1
+    finally:
+        transport.close()
+    return applied
