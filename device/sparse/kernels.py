@@ -10,10 +10,15 @@ work multiplying zeros. The kernels here compute with CSR (``torch.sparse_csr``)
   gradient.
 
 Whether a kernel is faster than masked dense compute depends on the layer's shape, its density
-and the CPU (on the development machine CSR wins for large linear layers below density ~0.3 and
-loses for small convolutions), so :func:`choose_plan` picks per layer from a measured
-:class:`~device.wire.messages.DeviceProfile` (see :mod:`device.profile`) and falls back to dense
-wherever the profile does not show a clear gain.
+and the CPU (on the development machine, forward + backward, CSR wins only for large linear
+layers: 2048 x 3136 is 0.9x dense at density 0.1 and 0.75x at 0.05, 1.4x at 0.2; convolutions
+lose at every density, see docs/benchmarks.md), so :func:`choose_plan` picks per layer from a
+measured :class:`~device.wire.messages.DeviceProfile` (see :mod:`device.profile`) and falls back
+to dense wherever the profile does not show a clear gain.
+
+The trainer may skip its per-step masking for the planned layers while ``full_weight_grad`` is
+off and no FedProx term is added: their weight gradient is exactly zero outside the mask, so SGD
+(momentum and weight decay included) keeps pruned weights and momentum at exactly zero.
 
 Invariants:
 

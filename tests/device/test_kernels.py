@@ -325,6 +325,26 @@ def test_sgd_with_kernels_trains_like_masked_dense() -> None:
         torch.testing.assert_close(results[0][key], results[1][key], atol=1e-5, rtol=1e-5)
 
 
+def test_sgd_keeps_pruned_weights_exactly_zero_without_masking() -> None:
+    """Why a trainer may skip masking for kernel layers: exact-zero gradients outside the mask
+    leave pruned weights and momentum at exactly 0.0 through SGD with momentum and decay."""
+    net, masks = _small_net_and_masks(0.3, seed=6)
+    optimizer = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-3)
+    handle = attach(net, masks, PLAN)
+    for step in range(3):
+        optimizer.zero_grad(set_to_none=True)
+        torch.autograd.backward(net(_randn(4, 1, 8, 8, seed=50 + step, dtype=torch.float32)).sum())
+        optimizer.step()
+    handle.detach()
+    params = dict(net.named_parameters())
+    for name in PLAN:
+        pruned = ~masks[name]
+        assert torch.count_nonzero(params[name][pruned]) == 0, name
+        momentum = optimizer.state[params[name]]["momentum_buffer"]
+        assert torch.count_nonzero(momentum[pruned]) == 0, name
+        assert torch.count_nonzero(params[name][masks[name]]) > 0, name  # it did train
+
+
 def test_refresh_uses_the_new_mask() -> None:
     """After a readjustment the kernels must compute with the new mask, not the old one."""
     net, masks = _small_net_and_masks(0.3)
