@@ -566,12 +566,20 @@ def interpolate_point(layer: LayerProfile, density: float) -> tuple[float, float
 def _decision_costs(layer: LayerProfile, density: float) -> tuple[float, float]:
     """``(dense_s, sparse_s)`` that :func:`choose_plan` and :func:`layer_cost` decide on.
 
-    Masked dense compute does the same work at every density, so its true time is one number:
-    the interpolated dense time is capped by the median over all points, so that a load spike
-    during one measurement cannot make the sparse kernel look faster there.
+    Both are made robust to one noisy measurement, in the direction of choosing dense:
+
+    * masked dense compute does the same work at every density, so the interpolated dense time
+      is capped by the median of the layer's dense times (a load spike during one dense
+      measurement cannot make the kernel look faster there);
+    * sparse work only grows with density, so the sparse time at ``density`` is at least every
+      sparse time measured at a lower density (a lucky fast sparse measurement cannot either).
     """
     dense_s, sparse_s = interpolate_point(layer, density)
-    return min(dense_s, statistics.median(p.dense_s for p in layer.points)), sparse_s
+    dense_s = min(dense_s, statistics.median(p.dense_s for p in layer.points))
+    if sparse_s > 0:
+        below = [p.sparse_s for p in layer.points if p.density <= density and p.sparse_s > 0]
+        sparse_s = max([sparse_s, *below])
+    return dense_s, sparse_s
 
 
 def _sparse_wins(dense_s: float, sparse_s: float, margin: float) -> bool:
@@ -588,10 +596,12 @@ def choose_plan(
 ) -> frozenset[str]:
     """The layers (weight names) that should compute sparsely at the given densities.
 
-    A layer is chosen only if the profile has a sparse measurement for it and the interpolated
-    sparse time is below ``margin`` times the dense time (interpolated, but at most the median of
-    the layer's dense times, since dense work does not depend on density); every other layer,
-    and every name the profile does not know, stays masked dense.
+    A layer is chosen only if the profile has a sparse measurement for it and its sparse time is
+    below ``margin`` times its dense time at that density: both interpolated between measured
+    densities, the dense time capped by the median of the layer's dense times (dense work does
+    not depend on density) and the sparse time raised to the largest measured at a lower density
+    (sparse work only grows with density). Every other layer, and every name the profile does
+    not know, stays masked dense.
 
     Args:
         profile: the device's measured profile.
