@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import numpy as np
 import numpy.typing as npt
@@ -64,25 +65,25 @@ class FedAvgOptions:
     upload_dtype: ValueDType = ValueDType.FP32
     robust: RobustOptions = field(default_factory=RobustOptions)
 
+    _strategy: ClassVar[str] = "fedavg"  # the name error messages use
+
     def __post_init__(self) -> None:
-        check_common_options("fedavg", self.clients_per_round, self.training, self.upload_dtype)
-        object.__setattr__(self, "robust", RobustOptions.coerce(self.robust, "fedavg"))
+        name = self._strategy
+        check_common_options(name, self.clients_per_round, self.training, self.upload_dtype)
+        object.__setattr__(self, "robust", RobustOptions.coerce(self.robust, name))
 
 
 @dataclass(frozen=True)
-class FedAvgMOptions:
+class FedAvgMOptions(FedAvgOptions):
     """FedAvg's options plus the server momentum ``beta`` in [0, 1) and ``server_lr`` > 0."""
 
-    clients_per_round: int = 20
-    training: LocalTraining = field(default_factory=LocalTraining)
-    upload_dtype: ValueDType = ValueDType.FP32
     beta: float = 0.9
     server_lr: float = 1.0
-    robust: RobustOptions = field(default_factory=RobustOptions)
+
+    _strategy: ClassVar[str] = "fedavgm"
 
     def __post_init__(self) -> None:
-        check_common_options("fedavgm", self.clients_per_round, self.training, self.upload_dtype)
-        object.__setattr__(self, "robust", RobustOptions.coerce(self.robust, "fedavgm"))
+        super().__post_init__()
         if not 0.0 <= self.beta < 1.0:
             raise ConfigError(f"fedavgm: beta must be in [0, 1), got {self.beta}")
         if not 0.0 < self.server_lr < float("inf"):
@@ -119,7 +120,7 @@ def robust_fedavg_weights(
 
 
 def _dense_round(
-    options: FedAvgOptions | FedAvgMOptions,
+    options: FedAvgOptions,
     candidates: Sequence[Candidate],
     rng: np.random.Generator,
     num_select: int | None,
@@ -195,13 +196,17 @@ class FedAvg:
         check_state_keys(self.name, state, [])
 
 
-class FedAvgM:
-    """FedAvg with server momentum (module docstring). State: one momentum buffer per tensor."""
+class FedAvgM(FedAvg):
+    """FedAvg with server momentum (module docstring). State: one momentum buffer per tensor.
+
+    Rounds, selection and checks are FedAvg's; only aggregation and the server state differ.
+    """
 
     name = "fedavgm"
+    options: FedAvgMOptions
 
     def __init__(self, options: FedAvgMOptions | None = None) -> None:
-        self.options = options or FedAvgMOptions()
+        super().__init__(options or FedAvgMOptions())
         # Created at the first aggregation (zeros); keyed by tensor name.
         self._momentum: dict[str, FloatArray] = {}
 
@@ -212,31 +217,8 @@ class FedAvgM:
         prunable: Sequence[str],
         rng: np.random.Generator,
     ) -> GlobalModel:
-        del rng
         self._momentum = {}
-        return GlobalModel(0, initial_weights(weights, prunable, self.name), {}, model_name)
-
-    def initial_job(self, model: GlobalModel, candidates: Sequence[Candidate]) -> InitialJob | None:
-        return None
-
-    def on_initial_result(self, model: GlobalModel, result: InitialPruneResult) -> GlobalModel:
-        raise _no_initial_job(self.name)
-
-    def configure_round(
-        self,
-        round: int,
-        model: GlobalModel,
-        candidates: Sequence[Candidate],
-        rng: np.random.Generator,
-        *,
-        num_select: int | None = None,
-    ) -> RoundConfig:
-        check_round(round)
-        return _dense_round(self.options, candidates, rng, num_select)
-
-    def check_result(self, model: GlobalModel, result: ClientResult) -> None:
-        check_result_tensors(model, result)
-        require_masks_equal(model, result)
+        return super().initialize(weights, model_name, prunable, rng)
 
     def aggregate(
         self, round: int, model: GlobalModel, results: Sequence[ClientResult]
