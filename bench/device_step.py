@@ -4,17 +4,18 @@ For PruneFL's FEMNIST Conv2 (``femnist_cnn``, 6,603,710 parameters), batch 20, S
 FedDST defaults (lr 0.01, momentum 0.9, weight decay 1e-3), at densities 1, 0.5, 0.2, 0.1, 0.05
 (the same density in every prunable layer, masks by magnitude of the initialisation):
 
-* ``dense``: the trainer's way (``device/trainer.py``, steps 1-4): dense forward and backward,
-  masked gradients := 0, ``optimizer.step()``, masked weights and momentum := 0.
-* ``chosen``: the layers ``choose_plan`` picks from a profile measured at the start of this
-  run compute with sparse kernels; the other layers as above. The masking is skipped for the
-  kernel layers: their weight gradient is exactly zero outside the mask, so SGD (momentum and
-  weight decay included) leaves pruned weights and momentum at exactly zero there; the bench
-  checks that it did. ``chosen+mask`` is the same step with the masking done for every layer
-  anyway, as ``device/trainer.py`` does it today.
+Both variants are ``device.trainer.train_round`` itself; a step is timed between two consecutive
+optimiser steps (forward, backward, gradient preparation, ``optimizer.step()``):
 
-The three variants run interleaved, in rotating order, on the same minibatches; the figures are
-medians (``min ratio``: the ratio of the fastest steps, a view less sensitive to other load).
+* ``dense``: an empty kernel plan: masked dense compute (masked gradients := 0 before the step).
+* ``chosen``: the layers ``choose_plan`` picks from a profile measured at the start of this run
+  compute with sparse kernels; the trainer skips their gradient masking (their weight gradient
+  is exactly zero off the mask); the bench checks that no pruned weight became non-zero and that
+  both variants end with the same weights.
+
+The two run as short rounds (``BLOCK`` steps) in alternating order on the same batches, the first
+round of each as warm-up; the figures are medians (``min ratio``: the ratio of the fastest steps,
+a view less sensitive to other load).
 Peak RSS is the VmHWM of a fresh process that runs one full local round with
 ``device.trainer.train_round`` (2 local epochs over 200 random examples, batch 20, with the plan
 of that density), reset after the setup; the largest over all densities is reported.
@@ -32,7 +33,9 @@ from __future__ import annotations
 import argparse
 import copy
 import gc
+import itertools
 import json
+import math
 import statistics
 import subprocess
 import sys
@@ -42,14 +45,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import nn
+from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from device.models import create_model, model_spec, prunable_names
 from device.profile import measure_profile
-from device.sparse.kernels import attach, choose_plan
+from device.sparse.kernels import choose_plan
 from device.sparse.masks import initial_masks
 
 MODEL = "femnist_cnn"
@@ -58,49 +61,39 @@ DENSITIES = (1.0, 0.5, 0.2, 0.1, 0.05)
 LR, MOMENTUM, WEIGHT_DECAY = 0.01, 0.9, 1e-3
 TARGET_RATIO_AT_01, NOISE_TOLERANCE, TARGET_RSS_MB = 0.6, 1.05, 400.0
 ROUND_EXAMPLES, ROUND_EPOCHS = 200, 2
+BLOCK = 10  # steps per measured round
 
 
-@dataclass
-class Variant:
-    """One way of stepping: a model, its optimiser, and the layers it masks after each step."""
+def _step_times(
+    model: nn.Module,
+    masks: Mapping[str, torch.Tensor],
+    data: Examples,
+    plan: frozenset[str],
+) -> list[float]:
+    """One local round through ``device.trainer.train_round``; the seconds of each full step.
 
-    name: str
-    model: nn.Module
-    optimizer: torch.optim.Optimizer
-    masked: dict[str, torch.Tensor]  # name -> inverse mask (True = pruned), layers it masks
-    times: list[float]
+    A step's time is the interval between two consecutive optimiser steps (a global step
+    pre-hook): ``optimizer.step()``, the trainer's bookkeeping, then the next batch's forward,
+    backward and gradient preparation. The round's set-up (copies, kernel attach) and its end
+    (deltas) fall outside every interval.
+    """
+    from device.trainer import train_round
+    from device.wire.messages import LocalTraining
 
+    stamps: list[float] = []
 
-def make_variant(
-    name: str, model: nn.Module, inverse: Mapping[str, torch.Tensor], skip: frozenset[str]
-) -> Variant:
-    optimizer = torch.optim.SGD(
-        model.parameters(), lr=LR, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY
+    def hook(optimizer: torch.optim.Optimizer, args: object, kwargs: object) -> None:
+        stamps.append(time.perf_counter())
+
+    settings = LocalTraining(
+        epochs=1, batch_size=BATCH, lr=LR, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY
     )
-    masked = {n: m for n, m in inverse.items() if n not in skip}
-    return Variant(name, model, optimizer, masked, [])
-
-
-def step(variant: Variant, x: torch.Tensor, y: torch.Tensor) -> float:
-    """One SGD step as device/trainer.py takes it (without importance or growth); seconds."""
-    params = dict(variant.model.named_parameters())
-    start = time.perf_counter()
-    variant.optimizer.zero_grad(set_to_none=True)
-    loss = F.cross_entropy(variant.model(x), y)
-    torch.autograd.backward(loss)
-    with torch.no_grad():
-        for name, inverse in variant.masked.items():
-            grad = params[name].grad
-            if grad is not None:
-                grad.masked_fill_(inverse, 0.0)
-    variant.optimizer.step()
-    with torch.no_grad():
-        for name, inverse in variant.masked.items():
-            params[name].masked_fill_(inverse, 0.0)
-            buffer = variant.optimizer.state[params[name]].get("momentum_buffer")
-            if isinstance(buffer, torch.Tensor):
-                buffer.masked_fill_(inverse, 0.0)
-    return time.perf_counter() - start
+    handle = register_optimizer_step_pre_hook(hook)
+    try:
+        train_round(model, masks, data, settings, seed=1, kernel_plan=plan)
+    finally:
+        handle.remove()
+    return [later - earlier for earlier, later in itertools.pairwise(stamps)]
 
 
 def uniform_masks(model: nn.Module, density: float) -> dict[str, torch.Tensor]:
@@ -115,7 +108,6 @@ class Row:
     plan: list[str]
     dense_ms: float
     chosen_ms: float
-    chosen_mask_ms: float
     dense_min_ms: float
     chosen_min_ms: float
     max_weight_diff: float
@@ -126,53 +118,56 @@ class Row:
         return self.chosen_ms / self.dense_ms
 
 
-def measure_density(density: float, plan: frozenset[str], reps: int, warmup: int) -> Row:
-    base = create_model(MODEL, seed=0)
-    masks = uniform_masks(base, density)
-    with torch.no_grad():
-        for name, param in base.named_parameters():
-            if name in masks:
-                param.masked_fill_(~masks[name], 0.0)
-    inverse = {n: ~m for n, m in masks.items()}
-    dense = make_variant("dense", copy.deepcopy(base), inverse, frozenset())
-    chosen = make_variant("chosen", copy.deepcopy(base), inverse, plan)
-    chosen_mask = make_variant("chosen+mask", copy.deepcopy(base), inverse, frozenset())
-    handles = [attach(v.model, masks, plan) for v in (chosen, chosen_mask) if plan]
-    variants = [dense, chosen, chosen_mask]
-    generator = torch.Generator().manual_seed(1)
-    shape = model_spec(MODEL).input_shape
-    for rep in range(warmup + reps):
-        x = torch.randn((BATCH, *shape), generator=generator)
-        y = torch.randint(0, model_spec(MODEL).num_classes, (BATCH,), generator=generator)
-        for k in range(len(variants)):
-            variant = variants[(rep + k) % len(variants)]  # rotate: no variant always goes first
-            seconds = step(variant, x, y)
-            if rep >= warmup:
-                variant.times.append(seconds)
-    for handle in handles:
-        handle.detach()
-    # All three trained on the same batches: their weights must agree, and the skipped masking
-    # must have left every pruned weight of the kernel layers at exactly zero.
-    dense_state, chosen_state = dense.model.state_dict(), chosen.model.state_dict()
-    max_diff = max(float((dense_state[k] - chosen_state[k]).abs().max()) for k in dense_state)
-    pruned_nonzero = sum(int(torch.count_nonzero(chosen_state[n][inverse[n]])) for n in plan)
-    return Row(
-        density=density,
-        plan=sorted(plan),
-        dense_ms=1e3 * statistics.median(dense.times),
-        chosen_ms=1e3 * statistics.median(chosen.times),
-        chosen_mask_ms=1e3 * statistics.median(chosen_mask.times),
-        dense_min_ms=1e3 * min(dense.times),
-        chosen_min_ms=1e3 * min(chosen.times),
-        max_weight_diff=max_diff,
-        pruned_nonzero=pruned_nonzero,
-    )
-
-
 @dataclass(frozen=True)
 class Examples:
     x: torch.Tensor
     y: torch.Tensor
+
+
+def random_examples(n: int, seed: int) -> Examples:
+    generator = torch.Generator().manual_seed(seed)
+    spec = model_spec(MODEL)
+    return Examples(
+        x=torch.randn((n, *spec.input_shape), generator=generator),
+        y=torch.randint(0, spec.num_classes, (n,), generator=generator),
+    )
+
+
+def measure_density(density: float, plan: frozenset[str], reps: int) -> Row:
+    """Median step time of the trainer with and without ``plan``, rounds interleaved.
+
+    Both variants train their own copy of the same masked model on the same batches, one short
+    round (``BLOCK`` steps) at a time in alternating order, until each has ``reps`` measured
+    steps; the first round of each is warm-up.
+    """
+    base = create_model(MODEL, seed=0)
+    masks = uniform_masks(base, density)
+    models = {"dense": copy.deepcopy(base), "chosen": copy.deepcopy(base)}
+    plans = {"dense": frozenset[str](), "chosen": plan}
+    times: dict[str, list[float]] = {"dense": [], "chosen": []}
+    data = random_examples(BATCH * BLOCK, seed=1)
+    rounds = 1 + math.ceil(reps / (BLOCK - 1))
+    for round_ in range(rounds):
+        order = ("dense", "chosen") if round_ % 2 == 0 else ("chosen", "dense")
+        for name in order:
+            measured = _step_times(models[name], masks, data, plans[name])
+            if round_ > 0:
+                times[name].extend(measured)
+    # Both trained on the same batches: their weights must agree, and the skipped masking must
+    # have left every pruned weight of the kernel layers at exactly zero.
+    dense_state, chosen_state = models["dense"].state_dict(), models["chosen"].state_dict()
+    max_diff = max(float((dense_state[k] - chosen_state[k]).abs().max()) for k in dense_state)
+    pruned_nonzero = sum(int(torch.count_nonzero(chosen_state[n][~masks[n]])) for n in plan)
+    return Row(
+        density=density,
+        plan=sorted(plan),
+        dense_ms=1e3 * statistics.median(times["dense"]),
+        chosen_ms=1e3 * statistics.median(times["chosen"]),
+        dense_min_ms=1e3 * min(times["dense"]),
+        chosen_min_ms=1e3 * min(times["chosen"]),
+        max_weight_diff=max_diff,
+        pruned_nonzero=pruned_nonzero,
+    )
 
 
 def _status_mb(key: str) -> float:
@@ -206,12 +201,7 @@ def round_child(density: float, plan: frozenset[str], threads: int) -> None:
     torch.set_num_threads(threads)
     model = create_model(MODEL, seed=0)
     masks = uniform_masks(model, density)
-    generator = torch.Generator().manual_seed(2)
-    spec = model_spec(MODEL)
-    data = Examples(
-        x=torch.randn((ROUND_EXAMPLES, *spec.input_shape), generator=generator),
-        y=torch.randint(0, spec.num_classes, (ROUND_EXAMPLES,), generator=generator),
-    )
+    data = random_examples(ROUND_EXAMPLES, seed=2)
     import_mb = _status_mb("VmHWM")  # torch + the model: topk's transient peak included
     gc.collect()
     reset = _reset_peak_rss()
@@ -253,7 +243,6 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
     parser.add_argument("--reps", type=int, default=40, help="measured steps per variant")
-    parser.add_argument("--warmup", type=int, default=3, help="unmeasured steps first")
     parser.add_argument(
         "--profile-repeats", type=int, default=5, help="measure_profile repeats (default 5)"
     )
@@ -282,13 +271,13 @@ def main() -> None:
     for density in DENSITIES:
         names = [layer.name for layer in profile.layers]
         plan = choose_plan(profile, dict.fromkeys(names, density))
-        rows.append(measure_density(density, plan, args.reps, args.warmup))
+        rows.append(measure_density(density, plan, args.reps))
         rounds.append(run_round(density, plan, args.threads))
 
     print()
     header = (
         f"{'density':>7}  {'dense ms':>8}  {'chosen ms':>9}  {'ratio':>5}  "
-        f"{'chosen+mask ms':>14}  {'ratio':>5}  {'min ratio':>9}  {'round s':>7}  "
+        f"{'min ratio':>9}  {'round s':>7}  "
         f"{'peak MB':>7}  plan"
     )
     print(header)
@@ -296,7 +285,6 @@ def main() -> None:
         plan_text = ",".join(n.removesuffix(".weight") for n in row.plan) or "-"
         print(
             f"{row.density:7g}  {row.dense_ms:8.2f}  {row.chosen_ms:9.2f}  {row.ratio:5.2f}  "
-            f"{row.chosen_mask_ms:14.2f}  {row.chosen_mask_ms / row.dense_ms:5.2f}  "
             f"{row.chosen_min_ms / row.dense_min_ms:9.2f}  {rnd['round_s']:7.2f}  "
             f"{rnd['peak_rss_mb']:7.1f}  {plan_text}"
         )
@@ -346,7 +334,6 @@ def main() -> None:
                     "dense_ms": round(r.dense_ms, 3),
                     "chosen_ms": round(r.chosen_ms, 3),
                     "ratio": round(r.ratio, 3),
-                    "chosen_mask_ms": round(r.chosen_mask_ms, 3),
                     "dense_min_ms": round(r.dense_min_ms, 3),
                     "chosen_min_ms": round(r.chosen_min_ms, 3),
                     "plan": r.plan,

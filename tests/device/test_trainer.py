@@ -477,6 +477,57 @@ def test_sparse_kernels_give_the_same_round_as_masked_dense_and_are_detached_aft
     assert all("forward" not in m.__dict__ for m in model.modules())
 
 
+def test_kernel_layers_skip_masking_yet_stay_exactly_sparse_at_every_step() -> None:
+    """On plain steps the trainer does not mask kernel-planned layers (their gradient is exactly
+    zero off the mask); weights, gradients and momentum must still be exactly zero there before
+    every step, and the round must equal the masked dense one."""
+    pytest.importorskip("device.sparse.kernels")
+    dense_model = make_model()
+    dense = train_round(dense_model, make_masks(dense_model), make_data(), SETTINGS, seed=8)
+    model = make_model()
+    masks = make_masks(model)
+    pairs = param_masks(model, masks)
+
+    def check(optimizer: torch.optim.Optimizer) -> None:
+        for param, mask in pairs:
+            assert param.grad is not None and torch.all(param.grad[~mask] == 0)
+            assert torch.all(param.detach()[~mask] == 0)
+            buffer = optimizer.state.get(param, {}).get("momentum_buffer")
+            assert buffer is None or torch.all(buffer[~mask] == 0)
+
+    with before_every_step(check) as calls:
+        sparse = train_round(
+            model, masks, make_data(), SETTINGS, seed=8, kernel_plan=frozenset(PRUNED)
+        )
+    assert len(calls) == sparse.local_steps
+    for name in dense.deltas:
+        assert torch.allclose(dense.deltas[name], sparse.deltas[name], atol=1e-5)
+
+
+def test_an_all_kept_round_is_torch_sgd_with_momentum_and_weight_decay_exactly() -> None:
+    """The trainer folds weight decay into the gradient itself (to save torch's temporary): with
+    nothing pruned the round must be bit-for-bit torch's own SGD on the same batches."""
+    settings = LocalTraining(epochs=2, batch_size=16, lr=0.05, momentum=0.9, weight_decay=0.01)
+    data = make_data()
+    model = make_model()
+    masks = {n: torch.ones_like(p, dtype=torch.bool) for n, p in model.named_parameters()}
+    result = train_round(model, masks, data, settings, seed=4)
+
+    reference = make_model()
+    initial = {n: t.clone() for n, t in reference.state_dict().items()}
+    optimizer = torch.optim.SGD(reference.parameters(), lr=0.05, momentum=0.9, weight_decay=0.01)
+    shuffle = torch.Generator().manual_seed(trainer_module.derive_seed(4, "shuffle"))
+    for _ in range(settings.epochs):
+        order = torch.randperm(64, generator=shuffle)
+        for first in range(0, 64, 16):
+            batch = order[first : first + 16]
+            optimizer.zero_grad()
+            nn.functional.cross_entropy(reference(data.x[batch]), data.y[batch]).backward()
+            optimizer.step()
+    for name, value in reference.state_dict().items():
+        assert torch.equal(result.deltas[name], value - initial[name]), name
+
+
 def test_evaluate_returns_mean_loss_and_accuracy_and_restores_the_mode() -> None:
     """Evaluation matches a direct computation and leaves the model as it found it."""
     model = make_model()
