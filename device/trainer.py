@@ -165,8 +165,11 @@ def _check_data(data: Examples) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 @contextmanager
-def _kernels(model: nn.Module, masks: Masks, plan: frozenset[str]) -> Iterator[KernelHandle | None]:
-    """Sparse kernels for the layers in ``plan`` for the duration of the block (none if empty).
+def _kernels(
+    model: nn.Module, masks: Masks, plan: frozenset[str], *, train_values: bool
+) -> Iterator[KernelHandle | None]:
+    """Sparse kernels for the layers in ``plan`` for the duration of the block (none if empty);
+    on exit the trained values are back in the weights.
 
     Imported lazily: a device whose plan is empty never loads the kernel module.
     """
@@ -178,16 +181,88 @@ def _kernels(model: nn.Module, masks: Masks, plan: frozenset[str]) -> Iterator[K
         raise ConfigError(f"kernel plan names tensors that are not pruned: {sorted(unknown)}")
     from device.sparse.kernels import attach  # lazy: most devices never need it
 
-    handle = attach(model, masks, plan)
+    handle = attach(model, masks, plan, train_values=train_values)
     try:
         yield handle
     finally:
         handle.detach()
 
 
-def _momentum(optimizer: torch.optim.Optimizer, param: nn.Parameter) -> torch.Tensor | None:
-    buffer = optimizer.state.get(param, {}).get("momentum_buffer")
-    return buffer if isinstance(buffer, torch.Tensor) else None
+class _Optimised:
+    """What SGD trains: every parameter, except that in the kernels' values mode the planned
+    weights are replaced by their ``[nnz]`` value tensors (momentum on the mask only).
+
+    ``tensors`` maps state_dict names to the tensors in the optimiser. Weight decay is not given
+    to torch's SGD: ``_prepare_gradients`` adds it in place, the same arithmetic without SGD's
+    gradient-sized temporary.
+    """
+
+    def __init__(
+        self, model: nn.Module, handle: KernelHandle | None, settings: LocalTraining
+    ) -> None:
+        self._model = model
+        self._handle = handle if handle is not None and handle.train_values else None
+        self._settings = settings
+        self.tensors: dict[str, torch.Tensor] = {}
+        self.optimizer = self._build({})
+
+    @property
+    def values_mode(self) -> frozenset[str]:
+        """The weights trained through their value tensors (empty without values mode)."""
+        return self._handle.plan if self._handle is not None else frozenset()
+
+    def _build(self, momenta: Mapping[str, torch.Tensor]) -> torch.optim.SGD:
+        tensors: dict[str, torch.Tensor] = dict(self._model.named_parameters())
+        for name in self.values_mode:
+            assert self._handle is not None
+            tensors[name] = self._handle.values(name)
+        self.tensors = tensors
+        optimizer = torch.optim.SGD(
+            list(tensors.values()), lr=self._settings.lr, momentum=self._settings.momentum
+        )
+        for name, buffer in momenta.items():
+            optimizer.state[tensors[name]]["momentum_buffer"] = buffer
+        return optimizer
+
+    def zero_grad(self) -> None:
+        """Clear every gradient, the planned weights' dense ones included."""
+        self.optimizer.zero_grad(set_to_none=True)
+        self._model.zero_grad(set_to_none=True)
+
+    def momentum(self, name: str) -> torch.Tensor | None:
+        """The momentum buffer of ``name`` as the optimiser holds it (None before the first
+        step or without momentum)."""
+        buffer = self.optimizer.state.get(self.tensors[name], {}).get("momentum_buffer")
+        return buffer if isinstance(buffer, torch.Tensor) else None
+
+    def dense_momenta(self, names: frozenset[str]) -> dict[str, torch.Tensor | None]:
+        """Momentum of the weights ``names`` shaped like the weights (scattered from the values
+        in values mode, where it is zero off the mask), for a readjustment to edit in place."""
+        params = dict(self._model.named_parameters())
+        momenta: dict[str, torch.Tensor | None] = {}
+        for name in names:
+            buffer = self.momentum(name)
+            if buffer is not None and name in self.values_mode:
+                assert self._handle is not None
+                dense = torch.zeros_like(params[name])
+                dense.view(-1).index_copy_(0, self._handle.structure(name).flat_index, buffer)
+                buffer = dense
+            momenta[name] = buffer
+        return momenta
+
+    def remasked(self, dense_momenta: Mapping[str, torch.Tensor | None]) -> None:
+        """After the masks changed and the handle was refreshed: train the new value tensors,
+        their momentum gathered from ``dense_momenta``; every other buffer carries over."""
+        if self._handle is None:
+            return
+        momenta = {n: b for n in self.tensors if (b := self.momentum(n)) is not None}
+        for name in self.values_mode:
+            momenta.pop(name, None)
+            dense = dense_momenta.get(name)
+            if dense is not None:
+                flat = self._handle.structure(name).flat_index
+                momenta[name] = dense.view(-1).index_select(0, flat)
+        self.optimizer = self._build(momenta)
 
 
 def train_round(
@@ -235,16 +310,15 @@ def train_round(
     grow_sum = {n: torch.zeros_like(p) for n, p in params.items()} if gradient_growth else {}
     shuffle = torch.Generator().manual_seed(derive_seed(seed, "shuffle"))
 
-    # Weight decay is added to the gradients in place by _prepare_gradients (same arithmetic as
-    # torch's SGD, without its gradient-sized temporary).
-    optimizer = torch.optim.SGD(model.parameters(), lr=settings.lr, momentum=settings.momentum)
     loss_sum = 0.0
     correct = 0
     seen = 0
     grown_total = 0
     step = 0
     model.train()
-    with _kernels(model, current, kernel_plan) as handle:
+    # Values mode (kernels train [nnz] tensors) unless FedProx needs the dense weights' distance.
+    with _kernels(model, current, kernel_plan, train_values=not prox_ref) as handle:
+        optimised = _Optimised(model, handle, settings)
         while step < plan.total_steps:
             order = torch.randperm(x.shape[0], generator=shuffle)
             for first in range(0, x.shape[0], settings.batch_size):
@@ -259,7 +333,7 @@ def train_round(
                     # Sparse kernels give weight gradients on the mask only, unless told that
                     # this step's dense gradient is needed (importance, growth window).
                     handle.full_weight_grad = dense_grad
-                optimizer.zero_grad(set_to_none=True)
+                optimised.zero_grad()
                 logits = model(xb)
                 loss = F.cross_entropy(logits, yb)
                 torch.autograd.backward(loss)
@@ -269,24 +343,27 @@ def train_round(
                     importance=importance,
                     grow_sum=grow_sum if gradient_growth and in_window else None,
                     prox=(all_params, prox_ref, settings.prox_mu),
-                    weight_decay=(all_params, settings.weight_decay),
-                    exact=kernel_plan if not dense_grad and not prox_ref else frozenset(),
+                    weight_decay=(optimised.tensors, settings.weight_decay),
+                    exact=_exact(kernel_plan, optimised.values_mode, dense_grad, bool(prox_ref)),
                 )
-                optimizer.step()
+                optimised.optimizer.step()
                 with torch.no_grad():
                     loss_sum += float(loss) * yb.shape[0]
                     correct += int((logits.argmax(dim=1) == yb).sum())
                     seen += yb.shape[0]
                 if readjust is not None and step == plan.readjust_step:
-                    grown_total = _readjust(
-                        params, current, optimizer, readjust, grow_sum, seed=seed
-                    )
+                    if handle is not None:
+                        handle.write_back()  # the drop scores read the weights
+                    momenta = optimised.dense_momenta(frozenset(params))
+                    grown_total = _readjust(params, current, momenta, readjust, grow_sum, seed=seed)
                     grow_sum = {}
                     if handle is not None:
                         handle.refresh(current)
+                    optimised.remasked(momenta)
+                    del momenta
 
     # Free the optimiser state and the gradients before the deltas take their place.
-    del optimizer, prox_ref, grow_sum
+    del optimised, prox_ref, grow_sum
     model.zero_grad(set_to_none=True)
     deltas = start.deltas(model.state_dict(), current)
     metrics = {"train_loss": loss_sum / seen, "train_accuracy": correct / seen}
@@ -304,6 +381,17 @@ def train_round(
     )
 
 
+def _exact(
+    plan: frozenset[str], values_mode: frozenset[str], dense_grad: bool, prox: bool
+) -> frozenset[str]:
+    """The pruned weights whose gradient needs no masking this step: in values mode the
+    optimiser never sees the weights' gradients; in weight mode the kernels' gradient is exactly
+    zero off the mask unless a dense gradient was asked for or FedProx added its term."""
+    if values_mode:
+        return values_mode
+    return plan if not dense_grad and not prox else frozenset()
+
+
 def _prepare_gradients(
     params: Mapping[str, nn.Parameter],
     masks: Masks,
@@ -311,14 +399,15 @@ def _prepare_gradients(
     importance: Mapping[str, torch.Tensor],
     grow_sum: Mapping[str, torch.Tensor] | None,
     prox: tuple[Mapping[str, nn.Parameter], Mapping[str, torch.Tensor], float],
-    weight_decay: tuple[Mapping[str, nn.Parameter], float],
+    weight_decay: tuple[Mapping[str, torch.Tensor], float],
     exact: frozenset[str],
 ) -> None:
     """Between backward and the optimiser step: record dense gradients, add FedProx, mask.
 
     ``importance`` (may be empty) gets ``+= grad^2`` and ``grow_sum`` (None outside the growth
     window) ``+= grad``, both from the dense gradient; then ``grad += mu (w - w_global)`` for the
-    parameters in the FedProx reference and ``grad += wd * w`` for every parameter; finally the
+    parameters in the FedProx reference and ``grad += wd * w`` for every tensor the optimiser
+    trains (parameters, or kernel value tensors); finally the
     gradients at masked positions become zero, except for the tensors in ``exact``, whose
     gradient is already exactly zero there (sparse kernels on their on-mask steps).
     """
@@ -338,9 +427,9 @@ def _prepare_gradients(
                 grad.add_(all_params[name] - ref, alpha=mu)
         every, wd = weight_decay
         if wd > 0:
-            for param in every.values():
-                if param.grad is not None:
-                    param.grad.add_(param, alpha=wd)
+            for tensor in every.values():
+                if tensor.grad is not None:
+                    tensor.grad.add_(tensor, alpha=wd)
         for name, param in params.items():
             if param.grad is not None and name not in exact:
                 # A multiply by the bool mask is several times faster than masked_fill_ on large
@@ -396,7 +485,7 @@ class _Start:
 def _readjust(
     params: Mapping[str, nn.Parameter],
     masks: Masks,
-    optimizer: torch.optim.Optimizer,
+    momenta: Mapping[str, torch.Tensor | None],
     readjust: Readjust,
     grow_sum: Mapping[str, torch.Tensor],
     *,
@@ -419,7 +508,7 @@ def _readjust(
         else:
             grow_score = grow_scores_gradient(grow_sum[name])
         result = readjust_mask(mask, drop_scores_magnitude(param), grow_score, n)
-        zero_entries(result.dropped | result.grown, param, _momentum(optimizer, param))
+        zero_entries(result.dropped | result.grown, param, momenta.get(name))
         masks[name] = result.new_mask
         grown_total += int(result.grown.sum())
     return grown_total

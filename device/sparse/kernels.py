@@ -16,16 +16,25 @@ lose at every density, see docs/benchmarks.md), so :func:`choose_plan` picks per
 measured :class:`~device.wire.messages.DeviceProfile` (see :mod:`device.profile`) and falls back
 to dense wherever the profile does not show a clear gain.
 
-The trainer may skip its per-step masking for the planned layers while ``full_weight_grad`` is
-off and no FedProx term is added: their weight gradient is exactly zero outside the mask, so SGD
-(momentum and weight decay included) keeps pruned weights and momentum at exactly zero.
+Two ways to train a planned layer:
+
+* **Weight mode** (:func:`linear_sparse`, :func:`conv2d_sparse`, ``attach(...)``): the CSR values
+  are gathered from the live ``nn.Parameter`` at every forward and the weight gradient comes back
+  dense, exactly zero outside the mask (``full_weight_grad``: the dense ``g^T x`` everywhere).
+* **Values mode** (``attach(..., train_values=True)``): the handle holds, per planned layer, a leaf
+  tensor of the kept values (CSR order) that the optimiser trains instead of the weight. Its
+  gradient and momentum have ``nnz`` entries, so a step neither writes a dense weight gradient
+  nor updates or masks pruned entries (at density 0.1 a tenth of the memory and memory traffic).
+  The weight gets a dense gradient only while ``full_weight_grad`` is set (for importance and
+  growth, never used by the optimiser), and receives the trained values on
+  :meth:`KernelHandle.write_back` and :meth:`KernelHandle.detach`.
 
 Invariants:
 
-* The ``nn.Parameter`` stays the source of truth: :func:`attach` only overrides the module's
-  ``forward``; the optimiser, ``state_dict`` (keys and values) and the trainer's masking work
-  unchanged. CSR values are gathered from the live weight at every forward (a gather of ``nnz``
-  values); the CSR structure changes only on :meth:`KernelHandle.refresh`.
+* ``state_dict`` keys never change: :func:`attach` only overrides the module's ``forward``. In
+  weight mode the parameter is the source of truth at every moment; in values mode it is after
+  :meth:`KernelHandle.write_back`, and the values are (re)gathered from it on
+  :meth:`KernelHandle.refresh`. The CSR structure changes only on refresh.
 * A kernel computes ``f(x, W * M)``: the forward ignores weight entries outside the mask, and the
   weight gradient is exactly zero outside the mask (unless ``full_weight_grad`` is set, see
   :class:`KernelHandle`). Inside the mask it equals masked dense compute up to float rounding.
@@ -168,47 +177,57 @@ def _gather_values(weight: torch.Tensor, structure: CsrStructure) -> torch.Tenso
     return weight.reshape(-1).index_select(0, structure.flat_index)
 
 
-def _weight_grad(
-    structure: CsrStructure,
-    g_t: torch.Tensor,
-    x: torch.Tensor,
-    weight_shape: torch.Size,
-    full: bool,
-) -> torch.Tensor:
-    """``(g_t @ x)`` reshaped to ``weight_shape``: only at the mask (exact zeros elsewhere), or
-    everywhere if ``full``. ``g_t`` is ``[rows, n]`` (output gradient, transposed), ``x`` is
-    ``[n, cols]``.
+def _values_grad(structure: CsrStructure, g_t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """``(g_t @ x)`` at the kept entries only, in CSR value order: ``[nnz]``.
+
+    ``g_t`` is ``[rows, n]`` (output gradient, transposed), ``x`` is ``[n, cols]``.
     """
-    if full:
-        return torch.mm(g_t, x).view(weight_shape)
-    grad = torch.zeros(weight_shape.numel(), dtype=g_t.dtype)
-    if structure.nnz > 0:
-        sampled = torch.sparse.sampled_addmm(structure.pattern(g_t.dtype), g_t, x, beta=0.0)
-        grad.index_copy_(0, structure.flat_index, sampled.values())
-    return grad.view(weight_shape)
+    if structure.nnz == 0:
+        return torch.zeros(0, dtype=g_t.dtype)
+    sampled = torch.sparse.sampled_addmm(structure.pattern(g_t.dtype), g_t, x, beta=0.0)
+    values: torch.Tensor = sampled.values()
+    return values
+
+
+def _input_grads(
+    ctx: Any, structure: CsrStructure, g_t: torch.Tensor, x: torch.Tensor
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """The gradients of the values (``[nnz]``) and of the dense weight sink (``g_t @ x``, shaped
+    like the weight), each only where autograd asks for it (inputs 1 and 2 of the Function)."""
+    grad_values = grad_dense = None
+    if ctx.needs_input_grad[2]:
+        dense = torch.mm(g_t, x)
+        grad_dense = dense.view(ctx.weight_shape)
+        if ctx.needs_input_grad[1]:
+            grad_values = dense.view(-1).index_select(0, structure.flat_index)
+    elif ctx.needs_input_grad[1]:
+        grad_values = _values_grad(structure, g_t, x)
+    return grad_values, grad_dense
 
 
 class _SparseLinearFn(torch.autograd.Function):
-    """``y = x (W*M)^T + b`` with CSR products; see :func:`linear_sparse`."""
+    """``y = x (W*M)^T + b`` with CSR products; see :func:`linear_sparse`.
+
+    Inputs: ``x``, ``values`` (``[nnz]``, CSR order: gets the on-mask gradient), ``dense_sink``
+    (the weight or None: gets the dense ``g^T x`` when given and requiring grad), ``bias``.
+    """
 
     @staticmethod
     def forward(
         ctx: Any,
         x: torch.Tensor,
-        weight: torch.Tensor,
+        values: torch.Tensor,
+        dense_sink: torch.Tensor | None,
         bias: torch.Tensor | None,
         structure: CsrStructure,
-        full_weight_grad: bool,
     ) -> torch.Tensor:
-        values = _gather_values(weight, structure)
         x2 = x.reshape(-1, structure.shape[1])
         y = torch.mm(structure.matrix(values), x2.t()).t()
         if bias is not None:
             y = y + bias
         ctx.structure = structure
-        ctx.full_weight_grad = full_weight_grad
         ctx.has_bias = bias is not None
-        ctx.weight_shape = weight.shape
+        ctx.weight_shape = torch.Size(structure.shape)
         ctx.save_for_backward(x2, values)
         return y.contiguous().view(*x.shape[:-1], structure.shape[0])
 
@@ -217,15 +236,25 @@ class _SparseLinearFn(torch.autograd.Function):
         x2, values = ctx.saved_tensors
         structure: CsrStructure = ctx.structure
         g = grad_out.reshape(-1, structure.shape[0])
-        grad_x = grad_w = grad_b = None
+        grad_x = grad_b = None
         if ctx.needs_input_grad[0]:
             grad_x = torch.mm(structure.transposed(values), g.t()).t()
             grad_x = grad_x.contiguous().view(*grad_out.shape[:-1], structure.shape[1])
-        if ctx.needs_input_grad[1]:
-            grad_w = _weight_grad(structure, g.t(), x2, ctx.weight_shape, ctx.full_weight_grad)
-        if ctx.has_bias and ctx.needs_input_grad[2]:
+        grad_values, grad_dense = _input_grads(ctx, structure, g.t(), x2)
+        if ctx.has_bias and ctx.needs_input_grad[3]:
             grad_b = g.sum(0)
-        return grad_x, grad_w, grad_b, None, None
+        return grad_x, grad_values, grad_dense, grad_b, None
+
+
+def _weight_inputs(
+    weight: torch.Tensor, structure: CsrStructure, full_weight_grad: bool
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Weight mode's ``(values, dense_sink)``: the values gathered from ``weight`` with autograd
+    (their gradient scatters into a dense, exactly-zero-elsewhere weight gradient), or, for the
+    full gradient, gathered without autograd and the weight itself as the dense sink."""
+    if full_weight_grad:
+        return _gather_values(weight.detach(), structure), weight
+    return _gather_values(weight, structure), None
 
 
 def linear_sparse(
@@ -242,8 +271,9 @@ def linear_sparse(
     ``structure.shape`` must equal it. The weight gradient is zero outside the mask unless
     ``full_weight_grad`` (then it is the dense ``g^T x``, as masked dense compute gives it).
     """
+    values, sink = _weight_inputs(weight, structure, full_weight_grad)
     out: torch.Tensor = _SparseLinearFn.apply(  # type: ignore[no-untyped-call]
-        x, weight, bias, structure, full_weight_grad
+        x, values, sink, bias, structure
     )
     return out
 
@@ -263,11 +293,12 @@ class _SparseConv2dFn(torch.autograd.Function):
     def forward(
         ctx: Any,
         x: torch.Tensor,
-        weight: torch.Tensor,
+        values: torch.Tensor,
+        dense_sink: torch.Tensor | None,
         bias: torch.Tensor | None,
         structure: CsrStructure,
         geometry: _ConvGeometry,
-        full_weight_grad: bool,
+        weight_shape: torch.Size,
     ) -> torch.Tensor:
         batch, _, height, width = x.shape
         kh, kw = geometry.kernel_size
@@ -283,17 +314,15 @@ class _SparseConv2dFn(torch.autograd.Function):
         length = cols.shape[2]
         # One [C*kh*kw, B*L] matrix so that the whole batch is one CSR product.
         cols_t = cols.transpose(0, 1).reshape(structure.shape[1], batch * length)
-        values = _gather_values(weight, structure)
         out = torch.mm(structure.matrix(values), cols_t)  # [O, B*L]
         out = out.view(structure.shape[0], batch, length).transpose(0, 1)
         if bias is not None:
             out = out + bias.view(1, -1, 1)
         ctx.structure = structure
         ctx.geometry = geometry
-        ctx.full_weight_grad = full_weight_grad
         ctx.has_bias = bias is not None
         ctx.input_hw = (height, width)
-        ctx.weight_shape = weight.shape
+        ctx.weight_shape = weight_shape
         ctx.save_for_backward(cols_t, values)
         return out.reshape(batch, structure.shape[0], out_h, out_w)
 
@@ -304,7 +333,7 @@ class _SparseConv2dFn(torch.autograd.Function):
         geometry: _ConvGeometry = ctx.geometry
         batch, out_channels = grad_out.shape[0], grad_out.shape[1]
         g = grad_out.reshape(batch, out_channels, -1).transpose(0, 1).reshape(out_channels, -1)
-        grad_x = grad_w = grad_b = None
+        grad_x = grad_b = None
         if ctx.needs_input_grad[0]:
             grad_cols = torch.mm(structure.transposed(values), g)  # [C*kh*kw, B*L]
             grad_cols = grad_cols.view(structure.shape[1], batch, -1).transpose(0, 1)
@@ -316,11 +345,10 @@ class _SparseConv2dFn(torch.autograd.Function):
                 geometry.padding,
                 geometry.stride,
             )
-        if ctx.needs_input_grad[1]:
-            grad_w = _weight_grad(structure, g, cols_t.t(), ctx.weight_shape, ctx.full_weight_grad)
-        if ctx.has_bias and ctx.needs_input_grad[2]:
+        grad_values, grad_dense = _input_grads(ctx, structure, g, cols_t.t())
+        if ctx.has_bias and ctx.needs_input_grad[3]:
             grad_b = g.sum(1)
-        return grad_x, grad_w, grad_b, None, None, None
+        return grad_x, grad_values, grad_dense, grad_b, None, None, None
 
 
 def _pair(value: Any, what: str) -> tuple[int, int]:
@@ -351,17 +379,32 @@ def conv2d_sparse(
     ``x`` is ``[B, C, H, W]`` (or unbatched ``[C, H, W]``); ``weight`` is ``[O, C, kh, kw]`` and
     ``structure`` is the CSR structure of the mask viewed as ``[O, C * kh * kw]``.
     """
+    values, sink = _weight_inputs(weight, structure, full_weight_grad)
+    return _conv2d(x, values, sink, bias, structure, weight.shape, stride, padding, dilation)
+
+
+def _conv2d(
+    x: torch.Tensor,
+    values: torch.Tensor,
+    dense_sink: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    structure: CsrStructure,
+    weight_shape: torch.Size,
+    stride: Any,
+    padding: Any,
+    dilation: Any,
+) -> torch.Tensor:
     unbatched = x.dim() == 3
     if unbatched:
         x = x.unsqueeze(0)
     geometry = _ConvGeometry(
-        kernel_size=(int(weight.shape[2]), int(weight.shape[3])),
+        kernel_size=(int(weight_shape[2]), int(weight_shape[3])),
         stride=_pair(stride, "stride"),
         padding=_pair(padding, "padding"),
         dilation=_pair(dilation, "dilation"),
     )
     out: torch.Tensor = _SparseConv2dFn.apply(  # type: ignore[no-untyped-call]
-        x, weight, bias, structure, geometry, full_weight_grad
+        x, values, dense_sink, bias, structure, geometry, weight_shape
     )
     return out.squeeze(0) if unbatched else out
 
@@ -412,16 +455,42 @@ class KernelHandle:
     ``full_weight_grad`` (default False) makes attached layers return the dense weight gradient
     (what masked dense compute gives) while still computing the forward and the input gradient
     sparsely; set it while a trainer needs gradients at pruned positions (RigL/FedDST growth,
-    PruneFL importance), at the cost of one dense ``g^T x`` product per layer.
+    PruneFL importance), at the cost of one dense ``g^T x`` product per layer. In values mode
+    (``train_values``) that dense gradient goes to the weight and the values get theirs too.
     """
 
-    def __init__(self, model: nn.Module, plan: frozenset[str]) -> None:
+    def __init__(self, model: nn.Module, plan: frozenset[str], train_values: bool) -> None:
         self._model = model
         self._plan = plan
+        self._train_values = train_values
         self._structures: dict[str, CsrStructure] = {}
+        self._values: dict[str, torch.Tensor] = {}
         self._saved_forward: dict[str, Callable[..., Any] | None] = {}
         self._attached = False
         self.full_weight_grad = False
+
+    @property
+    def train_values(self) -> bool:
+        """True in values mode: the optimiser trains :meth:`values`, not the weights."""
+        return self._train_values
+
+    def values(self, name: str) -> torch.Tensor:
+        """Values mode: the leaf tensor (``[nnz]``, CSR order, ``requires_grad``) that holds the
+        kept entries of weight ``name``; a new tensor after every :meth:`refresh`."""
+        if not self._train_values:
+            raise ConfigError("values() needs a handle attached with train_values=True")
+        return self._values[name]
+
+    def write_back(self) -> None:
+        """Values mode: copy the trained values into the weights (no-op in weight mode).
+
+        Entries outside the masks are left as they are (zero, for a masked model).
+        """
+        with torch.no_grad():
+            for name, values in self._values.items():
+                weight = _weight_of(_module_of(self._model, name), name)
+                flat = self._structures[name].flat_index
+                weight.view(-1).index_copy_(0, flat, values.detach())
 
     @property
     def plan(self) -> frozenset[str]:
@@ -456,6 +525,13 @@ class KernelHandle:
                 )
             structures[name] = csr_structure(mask.reshape(_matrix_view(weight)))
         self._structures = structures
+        if self._train_values:
+            self._values = {
+                name: _gather_values(
+                    _weight_of(_module_of(self._model, name), name).detach(), structure
+                ).requires_grad_()
+                for name, structure in structures.items()
+            }
 
     def _install(self) -> None:
         for name in sorted(self._plan):
@@ -464,39 +540,48 @@ class KernelHandle:
             module.forward = types.MethodType(self._forward_for(name, module), module)
         self._attached = True
 
+    def _inputs(self, name: str, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The kernel's ``(values, dense_sink)`` for layer ``name`` at this step."""
+        structure = self._structures[name]
+        if not self._train_values:
+            return _weight_inputs(weight, structure, self.full_weight_grad)
+        return self._values[name], weight if self.full_weight_grad else None
+
     def _forward_for(self, name: str, module: nn.Module) -> Callable[..., torch.Tensor]:
         handle = self
         if isinstance(module, nn.Linear):
 
             def linear_forward(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
-                return linear_sparse(
-                    x,
-                    self.weight,
-                    self.bias,
-                    handle._structures[name],
-                    full_weight_grad=handle.full_weight_grad,
+                values, sink = handle._inputs(name, self.weight)
+                out: torch.Tensor = _SparseLinearFn.apply(  # type: ignore[no-untyped-call]
+                    x, values, sink, self.bias, handle._structures[name]
                 )
+                return out
 
             return linear_forward
 
         def conv_forward(self: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
-            return conv2d_sparse(
+            values, sink = handle._inputs(name, self.weight)
+            return _conv2d(
                 x,
-                self.weight,
+                values,
+                sink,
                 self.bias,
                 handle._structures[name],
-                stride=self.stride,  # type: ignore[arg-type]
-                padding=self.padding,  # type: ignore[arg-type]
-                dilation=self.dilation,  # type: ignore[arg-type]
-                full_weight_grad=handle.full_weight_grad,
+                self.weight.shape,
+                self.stride,
+                self.padding,
+                self.dilation,
             )
 
         return conv_forward
 
     def detach(self) -> None:
-        """Restore every attached module's own ``forward``; idempotent."""
+        """Write the trained values back (values mode) and restore every attached module's own
+        ``forward``; idempotent."""
         if not self._attached:
             return
+        self.write_back()
         for name, saved in self._saved_forward.items():
             module = _module_of(self._model, name)
             if saved is None:
@@ -508,13 +593,19 @@ class KernelHandle:
 
 
 def attach(
-    model: nn.Module, masks: Mapping[str, torch.Tensor], plan: frozenset[str]
+    model: nn.Module,
+    masks: Mapping[str, torch.Tensor],
+    plan: frozenset[str],
+    *,
+    train_values: bool = False,
 ) -> KernelHandle:
     """Make every layer whose weight name is in ``plan`` compute with a sparse kernel.
 
     Only the module's ``forward`` is overridden (an instance attribute); parameters, buffers,
     ``state_dict`` keys and values are untouched. Call :meth:`KernelHandle.refresh` after a mask
-    change and :meth:`KernelHandle.detach` to go back to dense compute.
+    change and :meth:`KernelHandle.detach` to go back to dense compute. ``train_values`` selects
+    values mode (module docstring): optimise ``handle.values(name)`` instead of the weights, and
+    call :meth:`KernelHandle.write_back` before reading the weights (refresh regathers them).
 
     Raises:
         NotFoundError: a planned name is not a layer of ``model``.
@@ -530,7 +621,7 @@ def attach(
             )
         if isinstance(module.__dict__.get("forward"), types.MethodType):
             raise ConfigError(f"{name!r} already has an overridden forward (attached twice?)")
-    handle = KernelHandle(model, frozenset(plan))
+    handle = KernelHandle(model, frozenset(plan), train_values)
     handle.refresh(masks)
     handle._install()
     return handle

@@ -446,12 +446,17 @@ def test_a_kernel_plan_naming_an_unpruned_tensor_is_refused() -> None:
         )
 
 
-def test_sparse_kernels_give_the_same_round_as_masked_dense_and_are_detached_after() -> None:
+@pytest.mark.parametrize("report_importance", [True, False])
+@pytest.mark.parametrize("grow", [GrowPolicy.GRADIENT, GrowPolicy.RANDOM])
+def test_sparse_kernels_give_the_same_round_as_masked_dense_and_are_detached_after(
+    report_importance: bool, grow: GrowPolicy
+) -> None:
     """The kernel plan changes how, not what, is computed: the same deltas, masks and importance
-    (dense gradients are requested from the kernels on readjust windows and importance rounds),
-    and the model computes densely again afterwards."""
+    (dense gradients are requested from the kernels on readjust windows and importance rounds;
+    the momentum of kept values survives the readjust), and the model computes densely again
+    afterwards."""
     pytest.importorskip("device.sparse.kernels")
-    readjust = Readjust(alpha=0.3)
+    readjust = Readjust(alpha=0.3, grow=grow)
 
     def run(plan: frozenset[str]) -> tuple[RoundResult, nn.Module]:
         model = make_model()
@@ -462,7 +467,7 @@ def test_sparse_kernels_give_the_same_round_as_masked_dense_and_are_detached_aft
             SETTINGS,
             seed=6,
             readjust=readjust,
-            report_importance=True,
+            report_importance=report_importance,
             kernel_plan=plan,
         )
         return result, model
@@ -471,37 +476,51 @@ def test_sparse_kernels_give_the_same_round_as_masked_dense_and_are_detached_aft
     sparse, model = run(frozenset(PRUNED))
     for name in dense.deltas:
         assert torch.allclose(dense.deltas[name], sparse.deltas[name], atol=1e-5)
+    assert (
+        set(dense.importance)
+        == set(sparse.importance)
+        == (set(PRUNED) if report_importance else set())
+    )
     for name in PRUNED:
         assert torch.equal(dense.masks[name], sparse.masks[name])
+    for name in dense.importance:
         assert torch.allclose(dense.importance[name], sparse.importance[name], rtol=1e-4, atol=1e-8)
     assert all("forward" not in m.__dict__ for m in model.modules())
 
 
-def test_kernel_layers_skip_masking_yet_stay_exactly_sparse_at_every_step() -> None:
-    """On plain steps the trainer does not mask kernel-planned layers (their gradient is exactly
-    zero off the mask); weights, gradients and momentum must still be exactly zero there before
-    every step, and the round must equal the masked dense one."""
+def test_kernel_layers_train_only_their_kept_values_and_give_the_dense_round() -> None:
+    """With kernels the optimiser trains each planned weight's kept values ([nnz] tensors, so
+    gradient and momentum are nnz-sized: the memory and time a sparse step saves) instead of the
+    dense weight; the round must still equal the masked dense one and leave pruned weights 0."""
     pytest.importorskip("device.sparse.kernels")
     dense_model = make_model()
     dense = train_round(dense_model, make_masks(dense_model), make_data(), SETTINGS, seed=8)
     model = make_model()
     masks = make_masks(model)
-    pairs = param_masks(model, masks)
+    kept = sorted(int(m.sum()) for m in masks.values())
+    weights = {id(p) for n, p in model.named_parameters() if n in PRUNED}
 
     def check(optimizer: torch.optim.Optimizer) -> None:
-        for param, mask in pairs:
-            assert param.grad is not None and torch.all(param.grad[~mask] == 0)
-            assert torch.all(param.detach()[~mask] == 0)
-            buffer = optimizer.state.get(param, {}).get("momentum_buffer")
-            assert buffer is None or torch.all(buffer[~mask] == 0)
+        trained = [t for group in optimizer.param_groups for t in group["params"]]
+        assert not weights & {id(t) for t in trained}, "a planned dense weight is optimised"
+        values = sorted(t.numel() for t in trained if t.dim() == 1 and t.numel() in kept)
+        assert len(values) >= len(PRUNED)
+        for tensor in trained:
+            assert tensor.grad is not None and tensor.grad.shape == tensor.shape
+            buffer = optimizer.state.get(tensor, {}).get("momentum_buffer")
+            assert buffer is None or buffer.shape == tensor.shape
 
     with before_every_step(check) as calls:
         sparse = train_round(
             model, masks, make_data(), SETTINGS, seed=8, kernel_plan=frozenset(PRUNED)
         )
     assert len(calls) == sparse.local_steps
+    params = dict(model.named_parameters())
     for name in dense.deltas:
         assert torch.allclose(dense.deltas[name], sparse.deltas[name], atol=1e-5)
+    for name in PRUNED:
+        assert torch.all(params[name].detach()[~masks[name]] == 0)
+        assert torch.allclose(params[name].detach(), dense_model.get_parameter(name), atol=1e-5)
 
 
 def test_an_all_kept_round_is_torch_sgd_with_momentum_and_weight_decay_exactly() -> None:
