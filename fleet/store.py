@@ -58,6 +58,8 @@ __all__ = [
     "SCHEMA_VERSION",
     "Checkpoint",
     "CheckpointRecord",
+    "ChunkKey",
+    "ChunkOutcome",
     "DeviceRecord",
     "Migration",
     "RejectionRecord",
@@ -265,6 +267,32 @@ class DeviceRecord:
     first_seen: float
 
 
+@dataclass(frozen=True)
+class ChunkKey:
+    """One chunked transfer: a device's payload for a round, named by its SHA-256 (32 bytes)."""
+
+    run_id: str
+    round: int
+    device_id: str
+    sha256: bytes
+
+
+@dataclass(frozen=True)
+class ChunkOutcome:
+    """What storing one piece of a chunked transfer led to.
+
+    ``new``: the row was written (False: a duplicate; the first write wins). ``payload``: the
+    whole payload, reassembled and verified (size, SHA-256), when this write completed the
+    transfer; its rows stay until ``delete_chunk_set`` (the caller deletes them once the update
+    is decided, so a crash before that loses nothing). ``problem``: why the transfer was given
+    up (its rows are deleted in the same transaction); empty when all is well.
+    """
+
+    new: bool
+    payload: bytes | None = None
+    problem: str = ""
+
+
 # --------------------------------------------------------------------------------------------
 # Schema and migrations
 # --------------------------------------------------------------------------------------------
@@ -399,7 +427,49 @@ def _split_sql(script: str) -> list[str]:
     return [s.strip() for s in "\n".join(lines).split(";") if s.strip()]
 
 
-MIGRATIONS: tuple[Migration, ...] = (Migration(1, "initial schema", _create_v1),)
+# Version 2: chunks of updates split over sharded aggregator workers (fleet.aggregator), stored
+# until one worker holds them all. ``chunk_sets`` holds each transfer's manifest, ``chunks`` its
+# pieces; both are keyed by (run, round, device, SHA-256 of the whole payload) and the first
+# write of a key wins. No foreign keys: rows are purged independently of rounds.
+_SCHEMA_V2 = """
+CREATE TABLE chunk_sets (
+    run_id      TEXT NOT NULL,
+    round       INTEGER NOT NULL,
+    device_id   TEXT NOT NULL CHECK (length(device_id) > 0),
+    sha256      BLOB NOT NULL CHECK (length(sha256) = 32),
+    total_bytes INTEGER NOT NULL CHECK (total_bytes > 0),
+    chunk_count INTEGER NOT NULL CHECK (chunk_count > 0),
+    chunk_bytes INTEGER NOT NULL CHECK (chunk_bytes > 0),
+    received_at REAL NOT NULL,
+    PRIMARY KEY (run_id, round, device_id, sha256)
+) STRICT;
+
+CREATE TABLE chunks (
+    run_id      TEXT NOT NULL,
+    round       INTEGER NOT NULL,
+    device_id   TEXT NOT NULL CHECK (length(device_id) > 0),
+    sha256      BLOB NOT NULL CHECK (length(sha256) = 32),
+    idx         INTEGER NOT NULL CHECK (idx >= 0),
+    data        BLOB NOT NULL,
+    received_at REAL NOT NULL,
+    PRIMARY KEY (run_id, round, device_id, sha256, idx)
+) STRICT;
+
+CREATE INDEX chunks_by_device ON chunks (run_id, device_id);
+CREATE INDEX chunks_by_time ON chunks (received_at);
+CREATE INDEX chunk_sets_by_time ON chunk_sets (received_at);
+"""
+
+
+def _create_v2(conn: sqlite3.Connection) -> None:
+    for statement in _split_sql(_SCHEMA_V2):
+        conn.execute(statement)
+
+
+MIGRATIONS: tuple[Migration, ...] = (
+    Migration(1, "initial schema", _create_v1),
+    Migration(2, "chunks of updates reassembled through the store", _create_v2),
+)
 SCHEMA_VERSION = MIGRATIONS[-1].version
 
 
@@ -525,6 +595,23 @@ def _fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def _check_chunk_key(key: ChunkKey) -> None:
+    _non_empty(key.device_id, "device id")
+    if len(key.sha256) != 32:
+        raise ValueError(f"a chunk set's sha256 has 32 bytes, got {len(key.sha256)}")
+
+
+def _manifest_problem(total: int, count: int, size: int, max_bytes: int) -> str:
+    """Why a chunk manifest is unacceptable, or "" (sizes in bytes)."""
+    if count < 1 or size < 1:
+        return f"chunk_count {count} and chunk_bytes {size} must be >= 1"
+    if not (count - 1) * size < total <= count * size:
+        return f"total_bytes {total} does not fit {count} chunks of {size} B"
+    if total > max_bytes:
+        return f"payload of {total} B exceeds the limit of {max_bytes} B"
+    return ""
 
 
 def _pid_alive(pid: int) -> bool:
@@ -1090,6 +1177,183 @@ class Store:
             opened_at=row["opened_at"],
             closed_at=row["closed_at"],
         )
+
+    # -- chunks of updates (sharded aggregation) -------------------------------------------
+
+    def store_chunk_manifest(
+        self,
+        key: ChunkKey,
+        total_bytes: int,
+        chunk_count: int,
+        chunk_bytes: int,
+        *,
+        max_payload_bytes: int,
+    ) -> ChunkOutcome:
+        """Store a transfer's manifest durably (one transaction; then the caller may ack it).
+
+        A manifest that contradicts itself, exceeds ``max_payload_bytes``, differs from one
+        stored earlier, or does not fit the chunks already stored gives up the transfer (its
+        rows are deleted) with the reason in ``problem``. Completes the transfer when every
+        chunk is already there.
+        """
+        _check_chunk_key(key)
+        problem = _manifest_problem(total_bytes, chunk_count, chunk_bytes, max_payload_bytes)
+        if problem:
+            self.delete_chunk_set(key)
+            return ChunkOutcome(False, problem=problem)
+        with self._write() as conn:
+            cur = conn.execute(
+                "INSERT INTO chunk_sets (run_id, round, device_id, sha256, total_bytes,"
+                " chunk_count, chunk_bytes, received_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
+                " ON CONFLICT DO NOTHING",
+                (key.run_id, key.round, key.device_id, key.sha256, total_bytes, chunk_count,
+                 chunk_bytes, self._clock()),
+            )  # fmt: skip
+            new = cur.rowcount == 1
+            if not new:
+                row = self._chunk_manifest(conn, key)
+                if row is not None and row != (total_bytes, chunk_count, chunk_bytes):
+                    self._delete_chunk_set(conn, key)
+                    return ChunkOutcome(False, problem="two different manifests for one payload")
+            return self._settle(conn, key, new)
+
+    def store_chunk(
+        self, key: ChunkKey, index: int, data: bytes, *, max_device_bytes: int
+    ) -> ChunkOutcome:
+        """Store chunk ``index`` of a transfer durably (one transaction; then the caller may
+        ack it). The first write of an index wins; a different second copy gives the transfer
+        up, as does a chunk that does not fit the manifest or that takes the device's stored
+        chunk bytes in this run over ``max_device_bytes``. Completes the transfer when this was
+        the last missing piece."""
+        _check_chunk_key(key)
+        if index < 0:
+            raise ValueError(f"chunk index must be >= 0, got {index}")
+        with self._write() as conn:
+            cur = conn.execute(
+                "INSERT INTO chunks (run_id, round, device_id, sha256, idx, data, received_at)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
+                (key.run_id, key.round, key.device_id, key.sha256, index, data, self._clock()),
+            )
+            new = cur.rowcount == 1
+            if not new:
+                held = conn.execute(
+                    "SELECT data FROM chunks WHERE run_id = ? AND round = ? AND device_id = ?"
+                    " AND sha256 = ? AND idx = ?",
+                    (key.run_id, key.round, key.device_id, key.sha256, index),
+                ).fetchone()
+                if held is not None and bytes(held["data"]) != data:
+                    self._delete_chunk_set(conn, key)
+                    return ChunkOutcome(
+                        False, problem=f"chunk {index} arrived twice with different data"
+                    )
+            held_bytes = int(
+                conn.execute(
+                    "SELECT coalesce(sum(length(data)), 0) FROM chunks"
+                    " WHERE run_id = ? AND device_id = ?",
+                    (key.run_id, key.device_id),
+                ).fetchone()[0]
+            )
+            if held_bytes > max_device_bytes:
+                self._delete_chunk_set(conn, key)
+                return ChunkOutcome(
+                    new,
+                    problem=f"device {key.device_id!r} would hold {held_bytes} B of chunks in run "
+                    f"{key.run_id!r}, over the limit of {max_device_bytes} B",
+                )
+            return self._settle(conn, key, new)
+
+    def delete_chunk_set(self, key: ChunkKey) -> int:
+        """Delete a transfer's manifest and chunks; returns the rows deleted."""
+        with self._write(durable=False) as conn:
+            return self._delete_chunk_set(conn, key)
+
+    def purge_chunks(
+        self, run_id: str, *, rounds_up_to: int | None = None, received_before: float | None = None
+    ) -> int:
+        """Delete the chunk rows of ``run_id`` for rounds <= ``rounds_up_to`` (closed rounds)
+        and those received before ``received_before`` (abandoned transfers); returns the rows
+        deleted."""
+        where, args = ["run_id = ?"], [run_id]
+        if rounds_up_to is None and received_before is None:
+            raise ValueError("purge_chunks needs rounds_up_to or received_before")
+        terms = []
+        if rounds_up_to is not None:
+            terms.append("round <= ?")
+            args.append(rounds_up_to)  # type: ignore[arg-type]
+        if received_before is not None:
+            terms.append("received_at < ?")
+            args.append(received_before)  # type: ignore[arg-type]
+        where.append("(" + " OR ".join(terms) + ")")
+        sql = " AND ".join(where)
+        with self._write(durable=False) as conn:
+            n = conn.execute(f"DELETE FROM chunks WHERE {sql}", args).rowcount
+            n += conn.execute(f"DELETE FROM chunk_sets WHERE {sql}", args).rowcount
+        return int(n)
+
+    def chunk_bytes_held(self, run_id: str, device_id: str | None = None) -> int:
+        """Bytes of chunk data stored for ``run_id`` (one device's, or everyone's)."""
+        sql = "SELECT coalesce(sum(length(data)), 0) FROM chunks WHERE run_id = ?"
+        args: list[str] = [run_id]
+        if device_id is not None:
+            sql += " AND device_id = ?"
+            args.append(device_id)
+        with self._read() as conn:
+            return int(conn.execute(sql, args).fetchone()[0])
+
+    @staticmethod
+    def _chunk_manifest(conn: sqlite3.Connection, key: ChunkKey) -> tuple[int, int, int] | None:
+        row = conn.execute(
+            "SELECT total_bytes, chunk_count, chunk_bytes FROM chunk_sets WHERE run_id = ?"
+            " AND round = ? AND device_id = ? AND sha256 = ?",
+            (key.run_id, key.round, key.device_id, key.sha256),
+        ).fetchone()
+        if row is None:
+            return None
+        return int(row["total_bytes"]), int(row["chunk_count"]), int(row["chunk_bytes"])
+
+    @staticmethod
+    def _delete_chunk_set(conn: sqlite3.Connection, key: ChunkKey) -> int:
+        args = (key.run_id, key.round, key.device_id, key.sha256)
+        where = "run_id = ? AND round = ? AND device_id = ? AND sha256 = ?"
+        n = conn.execute(f"DELETE FROM chunks WHERE {where}", args).rowcount
+        return int(n + conn.execute(f"DELETE FROM chunk_sets WHERE {where}", args).rowcount)
+
+    def _settle(self, conn: sqlite3.Connection, key: ChunkKey, new: bool) -> ChunkOutcome:
+        """Inside a write transaction: check the transfer's stored chunks against its manifest
+        and reassemble it when complete."""
+        manifest = self._chunk_manifest(conn, key)
+        if manifest is None:
+            return ChunkOutcome(new)
+        total, count, size = manifest
+        args = (key.run_id, key.round, key.device_id, key.sha256)
+        where = "run_id = ? AND round = ? AND device_id = ? AND sha256 = ?"
+        for row in conn.execute(
+            f"SELECT idx, length(data) AS n FROM chunks WHERE {where}"
+            " AND (idx >= ? OR length(data) != CASE WHEN idx = ? THEN ? ELSE ? END)",
+            (*args, count, count - 1, total - (count - 1) * size, size),
+        ):
+            self._delete_chunk_set(conn, key)
+            idx, n = int(row["idx"]), int(row["n"])
+            why = (
+                f"chunk index {idx} beyond chunk_count {count}"
+                if idx >= count
+                else f"chunk {idx} has {n} B, the manifest says otherwise"
+            )
+            return ChunkOutcome(new, problem=why)
+        have = int(conn.execute(f"SELECT count(*) FROM chunks WHERE {where}", args).fetchone()[0])
+        if have < count:
+            return ChunkOutcome(new)
+        digest = hashlib.sha256()
+        parts = []
+        for row in conn.execute(f"SELECT data FROM chunks WHERE {where} ORDER BY idx", args):
+            part = bytes(row["data"])
+            digest.update(part)
+            parts.append(part)
+        payload = b"".join(parts)
+        if len(payload) != total or digest.digest() != key.sha256:
+            self._delete_chunk_set(conn, key)
+            return ChunkOutcome(new, problem="SHA-256 of the reassembled payload does not match")
+        return ChunkOutcome(new, payload=payload)
 
     # -- updates ----------------------------------------------------------------------------
 

@@ -40,6 +40,7 @@ from device.wire.topics import (
     chunk_filter,
     chunk_topic,
     split_chunk_topic,
+    split_shared,
     topic_matches,
 )
 from device.wire.transport import Message
@@ -249,6 +250,11 @@ class ReassemblyLimits:
     max_age_s: float = 600.0
     completed_ttl_s: float = 600.0
     max_completed: int = 4096
+    deliver_shared_chunks: bool = False
+    """Hand chunk and manifest packets that match a shared subscription (``$share/...``) on
+    unassembled, one ``Message`` each with its own packet id: the broker spreads one payload's
+    packets over the group's members, so a member cannot reassemble alone. For a consumer that
+    reassembles elsewhere (the sharded aggregator does it through its store)."""
 
 
 @dataclass
@@ -509,12 +515,17 @@ class Receiver:
         self._lock = threading.Lock()
         self.reassembler = Reassembler(limits)
         self._chunk_filters: dict[str, str] = {}  # chunk filter -> the pattern it serves
+        self._shared_filters: set[str] = set()  # filters of $share subscriptions, when passed on
 
     def put(self, packet: Packet) -> None:
         self._raw.put(packet)
 
     def watch(self, pattern: str) -> str | None:
         """Note a subscription; return the chunk filter to subscribe to as well (or ``None``)."""
+        group, plain = split_shared(pattern)
+        if group is not None and self.reassembler.limits.deliver_shared_chunks:
+            with self._lock:
+                self._shared_filters.add(plain)
         extra = chunk_filter(pattern)
         if extra is not None:
             with self._lock:
@@ -542,10 +553,21 @@ class Receiver:
                 if self._is_cleared_chunk(packet):
                     self._ack((packet.mid,) if packet.qos > 0 else ())
                     continue
+                if self._is_shared_chunk(packet):
+                    return _whole(packet)
                 feed = self.reassembler.feed(packet)
                 self._report(feed.dropped + self.reassembler.expire())
             if feed.message is not None:
                 return feed.message
+
+    def _is_shared_chunk(self, packet: Packet) -> bool:
+        """A chunk or manifest to pass on unassembled (``deliver_shared_chunks``)."""
+        if not self._shared_filters:
+            return False
+        topics = (packet.topic, _chunk_base(packet.topic))
+        if not any(topic_matches(f, t) for f in self._shared_filters for t in topics if t):
+            return False
+        return peek_chunk_kind(packet.payload) is not None
 
     def _is_cleared_chunk(self, packet: Packet) -> bool:
         """An empty payload on a chunk topic that reached us only through an added chunk
@@ -568,3 +590,9 @@ class Receiver:
                 log.debug("%s: duplicate chunk packet on %s ignored", self._name, d.topic)
             if d.ack_ids:
                 self._ack(d.ack_ids)
+
+
+def _chunk_base(topic: str) -> str | None:
+    """The base topic of a chunk topic ``{base}/{i}`` (``None`` for other topics)."""
+    split = split_chunk_topic(topic)
+    return None if split is None else split[0]

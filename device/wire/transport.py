@@ -3,7 +3,9 @@
 
 Callbacks of the underlying client only enqueue; the owner of a transport drains ``get()`` from
 its own worker thread. Payloads larger than the broker's limit are chunked on ``publish`` and
-reassembled before ``get`` returns them, so callers always see whole payloads.
+reassembled before ``get`` returns them, so callers see whole payloads; the one exception is a
+receiver built with ``ReassemblyLimits(deliver_shared_chunks=True)``, which gets the chunks of a
+shared subscription one by one (the sharded aggregator reassembles them through its store).
 """
 
 from __future__ import annotations

@@ -40,13 +40,16 @@ import io
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal, cast
+from typing import TYPE_CHECKING, Any, Literal, cast
 
 import numpy as np
 import numpy.typing as npt
 
 from fleet.strategies.aggregate import topk_mask
 from fleet.strategies.base import ClientResult, FloatArray, GlobalModel, Strategy
+
+if TYPE_CHECKING:  # only for annotations: fleet.validate imports every strategy module
+    from fleet.validate import SparseResult
 
 __all__ = [
     "MAX_WEIGHT",
@@ -69,6 +72,7 @@ PRUNEFL_MAX_TOTAL = 2**29
 
 _LIMB_BITS = 32
 _LIMB_MASK = (1 << _LIMB_BITS) - 1
+_BLOCK = 1 << 15  # values per ``ExactSum.add`` block: int64 temporaries of 256 KiB
 _OFFSET = 149  # a float32 is m * 2**(p - 149) with integer m and bit position p >= 0
 
 Kind = Literal["mean", "vote"]
@@ -146,29 +150,70 @@ class ExactSum:
         self.adds += 1
         if flat.size == 0:
             return
-        # Split the float32 bits: value = m * 2**(e - 149) with an integer |m| < 2**24.
         bits = flat.view(np.int32)
-        field_ = (bits >> 23) & 0xFF
-        m = (bits & 0x7FFFFF).astype(np.int64)
-        normal = field_ != 0
-        m[normal] |= 0x800000
-        bit = np.maximum(field_, 1).astype(np.int64) - 1  # position of m's lowest bit, >= 0
-        q = np.where(bits < 0, -m, m) * np.int64(weight)  # |q| < 2**54: exact
-        k = bit >> 5
-        r = bit & 31
-        a = (q & _LIMB_MASK) << r  # < 2**63
-        b = (q >> _LIMB_BITS) << r  # |b| < 2**53
-        self._ensure(int(k.min()), int(k.max()) + 2)
+        field_ = (bits >> 23) & 0xFF  # the biased exponent, 0 for zeros and subnormals
+        # The limb range only needs to cover non-zero values: a zero adds 0 wherever it lands.
+        nonzero = (bits & 0x7FFFFFFF) != 0
+        f_min = int(np.min(field_, where=nonzero, initial=255))
+        f_max = int(np.max(field_, where=nonzero, initial=0))
+        k_min, k_max = (max(f_min, 1) - 1) >> 5, (max(f_max, 1) - 1) >> 5
+        k_min = min(k_min, k_max)  # all zeros: any one limb
+        self._ensure(k_min, k_max + 2)
+        # Blocks of a few thousand values keep the temporaries in cache and let the common case,
+        # every value of a block in one limb band, add into contiguous rows without fancy
+        # indexing. Integer addition is exact, so how the adds are grouped changes no bit.
+        for start in range(0, flat.size, _BLOCK):
+            stop = min(flat.size, start + _BLOCK)
+            span = slice(start, stop)
+            self._add_block(bits[span], field_[span], weight, cols, span, k_min, k_max)
+
+    def _add_block(
+        self,
+        bits: npt.NDArray[np.int32],
+        field_: npt.NDArray[np.int32],
+        weight: int,
+        cols: npt.NDArray[np.intp] | slice,
+        span: slice,
+        k_min: int,
+        k_max: int,
+    ) -> None:
+        """``add`` for one block of values (``span`` of the call's values); limbs exist."""
+        # value = m * 2**(bit - 149) with an integer |m| < 2**24 and bit >= 0 its lowest bit.
+        q = (bits & 0x7FFFFF).astype(np.int64)
+        q |= (field_ != 0).astype(np.int64) << 23  # the implicit leading bit of normal numbers
+        np.negative(q, out=q, where=bits < 0)
+        q *= np.int64(weight)  # |q| < 2**54: exact
+        bit = np.maximum(field_, 1)
+        bit -= 1
+        r = (bit & 31).astype(np.int64)
+        a = q & _LIMB_MASK
+        a <<= r  # < 2**63
+        q >>= _LIMB_BITS
+        q <<= r  # |b| < 2**53
+        low = a & _LIMB_MASK
+        a >>= _LIMB_BITS
+        a += q & _LIMB_MASK  # the middle limb's share
+        q >>= _LIMB_BITS  # the top limb's share
+        block_cols = span if isinstance(cols, slice) else cols[span]
+        # A zero's bit is 0, whatever band it is put in it adds 0: clip it into the range.
+        k = None if k_min == k_max else np.clip(bit >> 5, k_min, k_max)
+        if k is None or int(k.min()) == int(k.max()):
+            # One limb band. Each (limb, coordinate) pair occurs once per call, so even the
+            # buffered fancy adds of an ``index`` are exact.
+            j = (k_min if k is None else int(k[0])) - self.lo
+            self.rows[j, block_cols] += low
+            self.rows[j + 1, block_cols] += a
+            self.rows[j + 2, block_cols] += q
+            return
         size = self.size
         flat_rows = self.rows.reshape(-1)
-        lin = (k - self.lo) * size
-        lin += np.arange(size) if isinstance(cols, slice) else cols
-        # Each (limb, coordinate) pair occurs once per call, so buffered fancy adds are exact.
-        flat_rows[lin] += a & _LIMB_MASK
+        lin = (k.astype(np.int64) - self.lo) * size
+        lin += np.arange(span.start, span.stop) if isinstance(cols, slice) else block_cols
+        flat_rows[lin] += low
         lin += size
-        flat_rows[lin] += (a >> _LIMB_BITS) + (b & _LIMB_MASK)
+        flat_rows[lin] += a
         lin += size
-        flat_rows[lin] += b >> _LIMB_BITS
+        flat_rows[lin] += q
 
     def merge(self, other: ExactSum) -> None:
         """Add ``other``'s sums into this one (exact; ``other`` is not changed)."""
@@ -274,6 +319,42 @@ class Accumulator:
             raise ValueError(f"device {result.device_id!r} is already in this accumulator")
         self._apply(result, result.num_examples)
         self.devices[result.device_id] = result.num_examples
+        if result.importance:
+            self.reporters.append(result.device_id)
+
+    def add_sparse(self, result: SparseResult) -> None:
+        """``add`` of a result validated by ``fleet.validate.check_sparse``: the same exact
+        sums as ``add(result.to_client_result(model))``, without the dense copies."""
+        if result.device_id in self.devices:
+            raise ValueError(f"device {result.device_id!r} is already in this accumulator")
+        weight = result.num_examples
+        if not 1 <= weight < MAX_WEIGHT:
+            raise ValueError(
+                f"device {result.device_id!r}: num_examples {weight} is outside [1, 2**30)"
+            )
+        for name, t in self.tensors.items():
+            values, idx = result.values[name], result.index[name]
+            if t.votes is not None and t.den is not None:
+                held = np.flatnonzero(result.masks[name]) if idx is None else idx
+                t.num.add(values, weight, held)
+                t.den[held] += weight
+                t.votes[held] += 1
+            elif t.slots is not None:
+                if name not in result.on_global_mask:
+                    # add() sums the dense weights at the global mask: zero where the
+                    # device held nothing. (check_result makes this path unreachable.)
+                    dense = np.zeros(int(np.prod(self.shapes[name])), dtype=np.float32)
+                    dense[slice(None) if idx is None else idx] = values
+                    values = dense[t.slots]
+                t.num.add(values, weight)  # on the global mask: values are in slot order
+            else:
+                t.num.add(values, weight, idx)
+        for name, g in result.importance.items():
+            acc = self.importance.get(name)
+            if acc is None:
+                acc = self.importance[name] = ExactSum(int(np.prod(self.shapes[name])))
+            acc.add(np.asarray(g, dtype=np.float32), 1)
+        self.devices[result.device_id] = weight
         if result.importance:
             self.reporters.append(result.device_id)
 
