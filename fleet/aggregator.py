@@ -3,7 +3,8 @@
 Workers (``AggregatorWorker``, one process each, ``python -m fleet.aggregator run ...``) share
 ``$share/agg/{prefix}/dev/+/up/{run}/#``, so the broker hands each update to one of them. A
 worker decodes it, validates it exactly as the runner does (``fleet.validate`` and
-``strategy.check_result``, against the open round and its input checkpoint read from the store),
+``strategy.check_result``, against the open round and its input checkpoint read from the store;
+on the sparse representation, ``fleet.validate.check_sparse``: the same checks and verdicts),
 stores it (``Store.record_update``: SQLite WAL, ``BEGIN IMMEDIATE``, first write wins, so several
 processes share one store), acknowledges it only then, and adds it to its exact partial sums
 (``fleet.strategies.accumulate.Accumulator``).
@@ -23,11 +24,18 @@ share of in-flight messages for its session rather than giving it to another mem
 Exact integer partial sums make the new model independent of how updates were spread: K = 1
 and K = 3 workers, or the coordinator alone, give the same bits (``aggregate_exact``).
 
-Chunks: the broker spreads packets, not payloads, so a chunked update would be split over
-workers (docs/protocol.md). Sharded runs need updates that fit the broker's maximum packet size
-(mosquitto: ``max_packet_size``), or a broker that keeps one publisher's messages on one member
-(EMQX ``shared_subscription_strategy = hash_clientid``; broker/cluster/README.md). A worker that
-gets a chunk it cannot complete logs it; the device's update then misses the round.
+Chunks: the broker spreads packets, not payloads, so the manifest and chunks of a chunked update
+land on different workers (docs/protocol.md). Workers reassemble through the store: their
+transport hands shared chunk packets on unassembled (``AggregatorWorker.RECEIVE_LIMITS``); a
+worker stores each piece (``Store.store_chunk``/``store_chunk_manifest``: first write wins, one
+``BEGIN IMMEDIATE`` transaction) and acknowledges it only then; the worker that stores the last
+missing piece gets the payload back from that transaction, verified (sizes, SHA-256), and
+handles it as an update that arrived whole, deleting its chunk rows once the update is stored or
+rejected (a crash before that leaves them for the redelivered piece to complete again; the
+update table counts it once). A manifest over ``max_update_bytes``, pieces that contradict
+each other or the digest, and a device holding more than twice ``max_update_bytes`` of chunks
+give the transfer up (logged, ``bad_chunk`` rejection); a round's chunks are purged at its
+close and unfinished transfers after ``CHUNK_MAX_AGE_S``.
 """
 
 from __future__ import annotations
@@ -42,31 +50,50 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from device.errors import DecodeError, NotFoundError, ValidationError
+from device.errors import (
+    ConfigError,
+    DecodeError,
+    NotFoundError,
+    SparseFleetError,
+    ValidationError,
+)
 from device.wire import envelope
+from device.wire.chunking import ReassemblyLimits, peek_chunk_kind
 from device.wire.codec import KnownMask, model_digest
-from device.wire.messages import DeviceUpdate
-from device.wire.mqtt import MqttTransport
-from device.wire.topics import TopicKind, Topics
+from device.wire.messages import Chunk, ChunkManifest, DeviceUpdate
+from device.wire.mqtt import MqttTransport, TlsSettings, parse_broker_url
+from device.wire.topics import TopicKind, Topics, split_chunk_topic
 from device.wire.transport import Message, Transport
-from fleet.store import RoundRecord, Store, StoreConflictError
+from fleet.store import ChunkKey, ChunkOutcome, RoundRecord, Store, StoreConflictError
 from fleet.strategies import create_strategy
 from fleet.strategies.accumulate import Accumulator
 from fleet.strategies.base import ClientResult, GlobalModel, Strategy
-from fleet.validate import Expectation, check_routing, reconstruct
+from fleet.validate import (
+    Expectation,
+    ModelIndex,
+    SparseResult,
+    check_routing,
+    check_sparse,
+    reconstruct,
+)
 
 __all__ = [
     "AggregatorWorker",
+    "BrokerLogin",
     "Coordinator",
     "Handover",
+    "LocalWorkers",
     "RoundContext",
+    "local_worker_id",
     "main",
+    "run_worker",
     "start_workers",
+    "stop_workers",
 ]
 
 log = logging.getLogger(__name__)
@@ -167,7 +194,18 @@ def _write_atomic(path: Path, data: bytes) -> None:
 
 
 class AggregatorWorker:
-    """One aggregator worker of one run (module docstring). Single-threaded: call ``run``."""
+    """One aggregator worker of one run (module docstring). Single-threaded: call ``run``.
+
+    Its transport must pass shared chunks on (``RECEIVE_LIMITS``; ``fleet aggregator run``
+    builds it so) for chunked updates to be reassembled through the store; with a transport
+    that reassembles itself the worker still takes the whole updates it is given.
+    """
+
+    RECEIVE_LIMITS = ReassemblyLimits(deliver_shared_chunks=True)
+    """``MqttTransport(..., reassembly=AggregatorWorker.RECEIVE_LIMITS)`` for a worker."""
+    CHUNK_MAX_AGE_S = 600.0
+    """Chunks of a transfer not completed within this many seconds are purged."""
+    PURGE_EVERY_S = 30.0
 
     def __init__(
         self,
@@ -187,8 +225,12 @@ class AggregatorWorker:
         self.group = group
         self._close_topic = self.topics.agg_close(run_id)
         self._rounds: dict[int, RoundContext] = {}
+        self._indexes: dict[int, ModelIndex] = {}
+        self._next_purge = 0.0
         self.accepted = 0
         self.rejected = 0
+        self.chunks_stored = 0
+        self.reassembled = 0
 
     def connect(self) -> None:
         self.transport.connect()
@@ -207,6 +249,7 @@ class AggregatorWorker:
             message = self.transport.get(timeout_s=0.2)
             if message is not None:
                 self.handle(message)
+            self._purge_stale_chunks()
 
     def handle(self, message: Message) -> None:
         """Handle one message; never raises for anything a device sent."""
@@ -220,7 +263,11 @@ class AggregatorWorker:
                     and parsed.run_id == self.run_id
                     and parsed.round > 0  # round 0 is the initial job: the coordinator's
                 ):
-                    self._on_update(parsed.device_id, parsed.round, message)
+                    kind = peek_chunk_kind(message.payload)
+                    if kind is None:
+                        self._on_update(parsed.device_id, parsed.round, message)
+                    else:
+                        self._on_chunk(parsed.device_id, parsed.round, message)
                     return  # acknowledged inside, after the write
         except Exception:  # a device message must never stop the worker
             log.exception("worker %s: error handling %s", self.worker_id, message.topic)
@@ -238,16 +285,61 @@ class AggregatorWorker:
             self._rounds[ctx.round.round] = ctx
         return ctx
 
-    def _on_update(self, device_id: str, round_: int, message: Message) -> None:
+    def _validate(
+        self, ctx: RoundContext, device_id: str, round_: int, payload: bytes
+    ) -> tuple[DeviceUpdate, SparseResult]:
+        """``ctx.validate`` on the sparse representation (``fleet.validate.check_sparse``:
+        the same checks, reasons and verdicts, without the dense copies)."""
+        if len(payload) > ctx.max_update_bytes:
+            raise ValidationError(
+                f"{len(payload)} bytes exceeds the limit {ctx.max_update_bytes}",
+                reason="oversized",
+            )
+        try:
+            env = envelope.decode(payload, book_for=ctx.book_for, max_bytes=ctx.max_update_bytes)
+        except DecodeError as exc:
+            raise ValidationError(str(exc), reason=f"decode:{exc.reason}") from exc
+        exp = Expectation(
+            self.run_id, ctx.round.round, tuple(ctx.round.selected), ctx.model, ctx.digest
+        )
+        update = check_routing(env, device_id, self.run_id, round_, exp)
+        index = self._indexes.get(ctx.round.round)
+        if index is None or index.model is not ctx.model:
+            index = self._indexes[ctx.round.round] = ModelIndex(ctx.model)
+        result = check_sparse(
+            update,
+            ctx.model,
+            ctx.strategy,
+            device_id=device_id,
+            model_digest=ctx.digest,
+            model_index=index,
+        )
+        return update, result
+
+    def _on_update(
+        self,
+        device_id: str,
+        round_: int,
+        message: Message,
+        decided: Callable[[], None] | None = None,
+    ) -> None:
+        """Validate, store, then acknowledge one whole update. ``decided`` runs once the
+        update's fate is durable, before the acknowledgement (deleting its chunk rows)."""
+
+        def ack() -> None:
+            if decided is not None:
+                decided()
+            self.transport.ack(message)
+
         ctx = self._rounds.get(round_) or self._context()
         try:
             if ctx is None:
                 raise ValidationError(f"round {round_} is not open", reason="late")
             if self.store.get_update(self.run_id, round_, device_id) is not None:
                 log.info("duplicate update from %s for round %d ignored", device_id, round_)
-                self.transport.ack(message)
+                ack()
                 return
-            update, result = ctx.validate(device_id, self.run_id, round_, message.payload)
+            update, result = self._validate(ctx, device_id, round_, message.payload)
             try:
                 is_new = self.store.record_update(
                     self.run_id,
@@ -265,13 +357,112 @@ class AggregatorWorker:
             )
             self.store.record_rejection(self.run_id, round_, device_id, exc.reason, str(exc))
             self.rejected += 1
-            self.transport.ack(message)
+            ack()
             return
-        self.transport.ack(message)  # only now: the update is durable
+        ack()  # only now: the update is durable
         if is_new:
             assert ctx is not None
-            ctx.acc.add(result)
+            ctx.acc.add_sparse(result)
             self.accepted += 1
+
+    # -- chunked updates: reassembly through the store ---------------------------------------
+
+    def _on_chunk(self, device_id: str, round_: int, message: Message) -> None:
+        """Store one manifest or chunk of a chunked update (the broker spreads the pieces over
+        the workers), acknowledge it once stored, and when this piece completed the transfer
+        handle the reassembled payload as a whole update."""
+        ctx = self._rounds.get(round_) or self._context()
+        if ctx is None or ctx.round.round != round_:
+            log.warning(
+                "worker %s: chunk of %s for round %d dropped: the round is not open",
+                self.worker_id,
+                device_id,
+                round_,
+            )
+            self.transport.ack(message)
+            return
+        if self.store.get_update(self.run_id, round_, device_id) is not None:
+            self.transport.ack(message)  # the device's update of this round is decided
+            return
+        base = message.topic
+        try:
+            body = envelope.decode(message.payload).body
+            key, outcome = self._store_piece(device_id, round_, ctx, body, message.topic)
+            if isinstance(body, Chunk):
+                base = self.topics.dev_update(device_id, self.run_id, round_)
+        except (DecodeError, ValidationError) as exc:
+            self._reject_chunk(device_id, round_, str(exc))
+            self.transport.ack(message)
+            return
+        if outcome.problem:
+            self._reject_chunk(device_id, round_, f"chunked update given up: {outcome.problem}")
+            self.transport.ack(message)
+            return
+        self.chunks_stored += int(outcome.new)
+        if outcome.payload is None:
+            self.transport.ack(message)  # stored durably; another piece completes it
+            return
+        self.reassembled += 1
+        whole = Message(base, outcome.payload, message.qos, message.retain, message.ack_ids)
+        self._on_update(device_id, round_, whole, lambda: self._forget_chunks(key))
+
+    def _store_piece(
+        self, device_id: str, round_: int, ctx: RoundContext, body: object, topic: str
+    ) -> tuple[ChunkKey, ChunkOutcome]:
+        if isinstance(body, ChunkManifest):
+            key = ChunkKey(self.run_id, round_, device_id, bytes(body.sha256))
+            self._check_sha(key)
+            outcome = self.store.store_chunk_manifest(
+                key,
+                body.total_bytes,
+                body.chunk_count,
+                body.chunk_bytes,
+                max_payload_bytes=ctx.max_update_bytes,
+            )
+            return key, outcome
+        if isinstance(body, Chunk):
+            split = split_chunk_topic(topic)
+            if split is None or split[1] != body.index:
+                raise ValidationError(f"chunk {body.index} on {topic!r}", reason="bad_chunk")
+            key = ChunkKey(self.run_id, round_, device_id, bytes(body.sha256))
+            self._check_sha(key)
+            # A device may hold about two updates' worth of chunks: one transfer in flight and
+            # one it gave up on; anything beyond is refused (and logged), not stored.
+            outcome = self.store.store_chunk(
+                key, body.index, bytes(body.data), max_device_bytes=2 * ctx.max_update_bytes
+            )
+            return key, outcome
+        raise ValidationError(f"{type(body).__name__} is not a chunk", reason="bad_chunk")
+
+    def _forget_chunks(self, key: ChunkKey) -> None:
+        self.store.delete_chunk_set(key)
+
+    @staticmethod
+    def _check_sha(key: ChunkKey) -> None:
+        if len(key.sha256) != 32:
+            raise ValidationError(
+                f"chunk sha256 of {len(key.sha256)} bytes, expected 32", reason="bad_chunk"
+            )
+
+    def _reject_chunk(self, device_id: str, round_: int, why: str) -> None:
+        log.warning("worker %s: chunk of %s round %d: %s", self.worker_id, device_id, round_, why)
+        self.store.record_rejection(self.run_id, round_, device_id, "bad_chunk", why)
+        self.rejected += 1
+
+    def _purge_stale_chunks(self) -> None:
+        """Every ``PURGE_EVERY_S``: drop transfers older than ``CHUNK_MAX_AGE_S``."""
+        now = time.monotonic()
+        if now < self._next_purge:
+            return
+        self._next_purge = now + self.PURGE_EVERY_S
+        try:
+            cutoff = self.store.now() - self.CHUNK_MAX_AGE_S
+            purged = self.store.purge_chunks(self.run_id, received_before=cutoff)
+        except Exception:  # the store is busy or gone: try again later
+            log.exception("worker %s: purging stale chunks failed", self.worker_id)
+            return
+        if purged:
+            log.info("worker %s: purged %d stale chunk rows", self.worker_id, purged)
 
     def _on_close(self, payload: bytes) -> None:
         request = json.loads(payload)
@@ -295,6 +486,10 @@ class AggregatorWorker:
                 path = str(target)
         for r in [r for r in self._rounds if r <= round_]:
             del self._rounds[r]
+        for r in [r for r in self._indexes if r <= round_]:
+            del self._indexes[r]
+        # Transfers of the closing round can no longer count here: their chunks go.
+        self.store.purge_chunks(self.run_id, rounds_up_to=round_)
         notice = {"round": round_, "request": req_id, "worker": self.worker_id}
         notice.update({"devices": devices, "path": path})
         self.transport.publish(
@@ -422,6 +617,64 @@ class Coordinator:
 # -- processes -------------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class BrokerLogin:
+    """How a worker logs in to the broker: an account (the password read from a file, never
+    put on a command line) and TLS files. All None: anonymous, plain MQTT (a local mosquitto).
+    """
+
+    username: str | None = None
+    password_file: Path | None = None
+    ca_file: Path | None = None
+    cert_file: Path | None = None
+    key_file: Path | None = None
+    insecure: bool = False
+
+    def argv(self) -> list[str]:
+        """These settings as ``fleet.aggregator run`` options."""
+        out: list[str] = []
+        for flag, value in (
+            ("--username", self.username),
+            ("--password-file", self.password_file),
+            ("--ca-file", self.ca_file),
+            ("--cert-file", self.cert_file),
+            ("--key-file", self.key_file),
+        ):
+            if value is not None:
+                out += [flag, str(value)]
+        return out + (["--insecure"] if self.insecure else [])
+
+    def password(self) -> str | None:
+        """The first line of ``password_file`` (None without one); ``ConfigError`` if unreadable
+        or empty."""
+        if self.password_file is None:
+            return None
+        try:
+            lines = Path(self.password_file).read_text(encoding="utf-8").splitlines()
+        except OSError as exc:
+            raise ConfigError(f"password file {self.password_file}: {exc.strerror}") from None
+        if not lines or not lines[0].strip():
+            raise ConfigError(f"password file {self.password_file} is empty")
+        return lines[0].strip()
+
+    def tls(self, url: str) -> TlsSettings | None:
+        """TLS settings for ``url``: the files given, or the system's CAs for ``mqtts://``."""
+        if any(f is not None for f in (self.ca_file, self.cert_file, self.key_file)):
+            return TlsSettings(
+                ca_file=None if self.ca_file is None else str(self.ca_file),
+                cert_file=None if self.cert_file is None else str(self.cert_file),
+                key_file=None if self.key_file is None else str(self.key_file),
+                insecure=self.insecure,
+            )
+        return TlsSettings(insecure=self.insecure) if parse_broker_url(url).tls else None
+
+
+def local_worker_id(run_id: str, index: int) -> str:
+    """The id (MQTT client id) of local worker ``index`` of ``run_id``: stable, so a restarted
+    worker resumes the session, and the updates, of the one it replaces."""
+    return f"{run_id}-agg-{index}"
+
+
 def start_workers(
     count: int,
     broker_url: str,
@@ -431,22 +684,189 @@ def start_workers(
     prefix: str = "fl/v1",
     group: str = DEFAULT_GROUP,
     first: int = 0,
+    login: BrokerLogin | None = None,
 ) -> list[subprocess.Popen[bytes]]:
-    """Start ``count`` worker processes (ids ``{run_id}-agg-{i}``); the caller stops them
-    (SIGTERM: finish the message at hand, close the session cleanly)."""
+    """Start ``count`` worker processes (ids ``local_worker_id(run_id, i)``); the caller stops them
+    with ``stop_workers`` (SIGTERM: finish the message at hand, close the session cleanly)."""
     if count < 1:
         raise ValueError(f"need at least one worker, got {count}")
     procs = []
     for i in range(first, first + count):
         argv = [sys.executable, "-m", "fleet.aggregator", "run", "--broker", broker_url]
-        argv += ["--state", str(state_dir), "--run", run_id, "--worker-id", f"{run_id}-agg-{i}"]
+        argv += [
+            "--state",
+            str(state_dir),
+            "--run",
+            run_id,
+            "--worker-id",
+            local_worker_id(run_id, i),
+        ]
         argv += ["--prefix", prefix, "--group", group]
+        argv += (login or BrokerLogin()).argv()
         procs.append(subprocess.Popen(argv))
     return procs
 
 
+def stop_workers(procs: Sequence[subprocess.Popen[bytes]], timeout_s: float = 10.0) -> None:
+    """Stop worker processes and reap them: SIGTERM, wait up to ``timeout_s`` in all, then
+    SIGKILL whatever still runs. Never leaves a child behind (nor a zombie)."""
+    for proc in procs:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + timeout_s
+    for proc in procs:
+        try:
+            proc.wait(max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            log.warning("aggregator worker pid %d ignored SIGTERM; killing it", proc.pid)
+            proc.kill()
+            proc.wait()
+
+
+class LocalWorkers:
+    """``count`` local worker processes of one run, kept alive: ``respawn_dead`` restarts a
+    worker that died under the same id, so its persistent session (and the unacknowledged
+    updates the broker keeps for it) is taken up again. A context manager: leaving it stops
+    and reaps every process, on errors and Ctrl-C too."""
+
+    def __init__(
+        self,
+        count: int,
+        broker_url: str,
+        state_dir: Path | str,
+        run_id: str,
+        *,
+        prefix: str = "fl/v1",
+        group: str = DEFAULT_GROUP,
+        login: BrokerLogin | None = None,
+        max_restarts: int = 20,
+    ) -> None:
+        if count < 1:
+            raise ValueError(f"need at least one worker, got {count}")
+        self.max_restarts = max_restarts
+        self.count = count
+        self.broker_url = broker_url
+        self.state_dir = Path(state_dir)
+        self.run_id = run_id
+        self.prefix = prefix
+        self.group = group
+        self.login = login
+        self.procs: dict[int, subprocess.Popen[bytes]] = {}
+        self.restarts = 0
+
+    @property
+    def ids(self) -> list[str]:
+        return [local_worker_id(self.run_id, i) for i in range(self.count)]
+
+    def _start(self, index: int) -> None:
+        (proc,) = start_workers(
+            1,
+            self.broker_url,
+            self.state_dir,
+            self.run_id,
+            prefix=self.prefix,
+            group=self.group,
+            first=index,
+            login=self.login,
+        )
+        self.procs[index] = proc
+
+    def start(self) -> LocalWorkers:
+        for index in range(self.count):
+            if index not in self.procs:
+                self._start(index)
+        return self
+
+    def respawn_dead(self) -> list[str]:
+        """Restart every worker whose process has exited; returns their ids.
+
+        Raises ``SparseFleetError`` once more than ``max_restarts`` restarts were needed (a
+        worker that cannot start, e.g. refused by the broker, would otherwise loop forever).
+        """
+        restarted = []
+        for index, proc in sorted(self.procs.items()):
+            code = proc.poll()
+            if code is not None:
+                if self.restarts >= self.max_restarts:
+                    raise SparseFleetError(
+                        f"aggregator worker {local_worker_id(self.run_id, index)} exited with "
+                        f"status {code} after {self.restarts} restarts of this run's workers; "
+                        "see their log"
+                    )
+                log.warning(
+                    "aggregator worker %s exited (%d); restarting it",
+                    local_worker_id(self.run_id, index),
+                    code,
+                )
+                self._start(index)
+                self.restarts += 1
+                restarted.append(local_worker_id(self.run_id, index))
+        return restarted
+
+    def stop(self, timeout_s: float = 10.0) -> None:
+        stop_workers(list(self.procs.values()), timeout_s)
+
+    def __enter__(self) -> LocalWorkers:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def run_worker(
+    broker_url: str,
+    state_dir: Path | str,
+    run_id: str,
+    worker_id: str,
+    *,
+    prefix: str = "fl/v1",
+    group: str = DEFAULT_GROUP,
+    login: BrokerLogin | None = None,
+    stop: threading.Event | None = None,
+) -> None:
+    """Run one worker until ``stop`` is set, or SIGTERM/SIGINT when called from the main thread.
+
+    Raises ``NotFoundError`` when ``state_dir`` holds no store, ``BrokerUnavailableError`` when
+    the broker cannot be reached, ``ConfigError`` for an unreadable password file.
+    """
+    login = login or BrokerLogin()
+    stop = stop or threading.Event()
+    password = login.password()
+    store = Store(state_dir, create=False)
+    previous: dict[int, Any] = {}
+    try:
+        transport = MqttTransport.from_url(
+            broker_url,
+            worker_id,
+            manual_ack=True,
+            username=login.username,
+            password=password,
+            tls=login.tls(broker_url),
+            reassembly=AggregatorWorker.RECEIVE_LIMITS,
+        )
+        worker = AggregatorWorker(
+            transport, store, run_id, worker_id, topics=Topics(prefix), group=group
+        )
+        try:
+            worker.connect()
+            if threading.current_thread() is threading.main_thread():
+                # Stop between messages, never inside one (a half-stored update); the previous
+                # handlers come back afterwards (the caller may be a CLI or a test process).
+                for sig in (signal.SIGTERM, signal.SIGINT):
+                    previous[sig] = signal.signal(sig, lambda *_: stop.set())
+            log.info("aggregator worker %s running for run %s", worker_id, run_id)
+            worker.run(stop)
+        finally:
+            for signum, handler in previous.items():
+                signal.signal(signum, handler)
+            transport.close()
+    finally:
+        store.close()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """``fleet aggregator run``: one worker until SIGTERM/SIGINT. Returns the exit status."""
+    """``python -m fleet.aggregator run``: one worker until SIGTERM/SIGINT. Returns the exit
+    status (``fleet aggregator run`` is the same through the CLI)."""
     parser = argparse.ArgumentParser(prog="fleet aggregator", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="run one aggregator worker")
@@ -456,23 +876,35 @@ def main(argv: Sequence[str] | None = None) -> int:
     run.add_argument("--worker-id", required=True, help="MQTT client id (stable across restarts)")
     run.add_argument("--prefix", default="fl/v1", help="topic prefix")
     run.add_argument("--group", default=DEFAULT_GROUP, help="shared-subscription group")
+    run.add_argument("--username", help="broker account")
+    run.add_argument("--password-file", type=Path, help="file whose first line is the password")
+    run.add_argument("--ca-file", type=Path, help="CA certificate that verifies the broker")
+    run.add_argument("--cert-file", type=Path, help="client certificate")
+    run.add_argument("--key-file", type=Path, help="client certificate's key")
+    run.add_argument("--insecure", action="store_true", help="skip the TLS host-name check")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    stop = threading.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: stop.set())
-    store = Store(args.state, create=False)
-    transport = MqttTransport.from_url(args.broker, args.worker_id, manual_ack=True)
-    worker = AggregatorWorker(
-        transport, store, args.run_id, args.worker_id, topics=Topics(args.prefix), group=args.group
+    login = BrokerLogin(
+        args.username,
+        args.password_file,
+        args.ca_file,
+        args.cert_file,
+        args.key_file,
+        args.insecure,
     )
-    worker.connect()
-    log.info("aggregator worker %s running for run %s", args.worker_id, args.run_id)
     try:
-        worker.run(stop)
-    finally:
-        transport.close()
-        store.close()
+        run_worker(
+            args.broker,
+            args.state,
+            args.run_id,
+            args.worker_id,
+            prefix=args.prefix,
+            group=args.group,
+            login=login,
+        )
+    except SparseFleetError as exc:
+        print(f"fleet aggregator: error: {exc}", file=sys.stderr)
+        return exc.exit_code
     return 0
 
 

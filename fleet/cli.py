@@ -12,6 +12,7 @@ State lives in one directory (``--state-dir``, default ``./.sparsefleet`` or
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -32,6 +33,7 @@ from device.wire.broker import find_mosquitto, is_listening
 from device.wire.mqtt import MqttTransport, TlsSettings, parse_broker_url
 from device.wire.topics import Topics
 from fleet import render
+from fleet.aggregator import DEFAULT_GROUP, BrokerLogin, Coordinator, LocalWorkers, run_worker
 from fleet.config import (
     BrokerConfig,
     DataConfig,
@@ -50,7 +52,7 @@ from fleet.presence import refresh_presence
 from fleet.registry import DeviceInfo, DeviceRegistry
 from fleet.report import load_series, write_report
 from fleet.run_control import RunFiles, StopRequested, StopWatcher
-from fleet.runner import ProgressCallback, RoundReport, Runner, RunSpec
+from fleet.runner import ProgressCallback, RoundReport, Runner, RunSpec, check_sharding
 from fleet.sim import Faults, SimSpec, device_ids, make_evaluator, simulate
 from fleet.store import RunRecord, RunStatus, Store, StoreConflictError
 
@@ -59,6 +61,7 @@ log = logging.getLogger(__name__)
 DEFAULT_STATE_DIR = Path(".sparsefleet")
 DEFAULT_BROKER_URL = "mqtt://127.0.0.1:1883"
 EXIT_INTERRUPTED = 130
+WORKER_START_S = 120.0  # worker processes import numpy and torch: seconds each on a busy host
 MNIST_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte")
 
 
@@ -456,12 +459,15 @@ def _stopping(progress: ProgressCallback, watcher: StopWatcher, rounds: int) -> 
     return callback
 
 
-def _mqtt_transport(broker: BrokerConfig, url: str) -> MqttTransport:
+def _mqtt_transport(broker: BrokerConfig, url: str, role: str = "") -> MqttTransport:
+    """The fleet manager's connection; ``role`` makes a second client id ("coordinator")."""
     address = parse_broker_url(url)
     tls: TlsSettings | None = broker.tls.settings() if broker.tls is not None else None
     if address.tls and tls is None:
         tls = TlsSettings()
     client_id = broker.username or "fleet-manager"
+    if role:
+        client_id = f"{client_id}-{role}"
     return MqttTransport(
         client_id,
         host=address.host,
@@ -471,6 +477,58 @@ def _mqtt_transport(broker: BrokerConfig, url: str) -> MqttTransport:
         tls=tls,
         manual_ack=True,
     )
+
+
+def _login(broker: BrokerConfig) -> BrokerLogin:
+    """The fleet manager's broker account and TLS files, for its aggregator workers."""
+    tls = broker.tls
+    return BrokerLogin(
+        username=broker.username,
+        password_file=broker.password_file,
+        ca_file=None if tls is None else tls.ca_file,
+        cert_file=None if tls is None else tls.cert_file,
+        key_file=None if tls is None else tls.key_file,
+        insecure=False if tls is None else tls.insecure,
+    )
+
+
+def _start_sharding(
+    stack: contextlib.ExitStack,
+    env: Env,
+    spec: RunSpec,
+    broker: BrokerConfig,
+    url: str,
+    workers: int,
+) -> tuple[Coordinator, LocalWorkers]:
+    """Connect the coordinator, start ``workers`` local worker processes and wait until each
+    has joined the shared subscription. ``stack`` stops and reaps them (and closes the
+    coordinator's connection) however the run ends, Ctrl-C included."""
+    transport = _mqtt_transport(broker, url, role="coordinator")
+    stack.callback(transport.close)
+    coordinator = Coordinator(transport, env.store(), spec.run_id, topics=Topics(broker.prefix))
+    stack.callback(coordinator.store.close)
+    coordinator.connect()  # before the workers start: their hello must not be missed
+    pool = LocalWorkers(
+        workers,
+        url,
+        env.state_dir.resolve(),
+        spec.run_id,
+        prefix=broker.prefix,
+        login=_login(broker),
+    )
+    stack.callback(pool.stop)
+    pool.start()
+    try:
+        coordinator.wait_for_workers(pool.ids, timeout_s=WORKER_START_S)
+    except TimeoutError as exc:
+        exited = {f"pid {p.pid}": p.returncode for p in pool.procs.values() if p.poll() is not None}
+        # Not BrokerUnavailableError: the broker answered the coordinator; the workers did not.
+        raise SparseFleetError(
+            f"{exc} within {WORKER_START_S:.0f} s at {url}"
+            + (f"; exited: {exited} (their log is above)" if exited else "")
+        ) from None
+    env.console.print(f"{workers} aggregator worker(s) running: {', '.join(pool.ids)}")
+    return coordinator, pool
 
 
 def _run_on_broker(
@@ -483,8 +541,10 @@ def _run_on_broker(
     *,
     wait_devices: int,
     wait_s: float,
+    workers: int = 0,
 ) -> list[RoundReport]:
-    """Run ``spec`` against the devices online at ``url``, with live progress and stop files."""
+    """Run ``spec`` against the devices online at ``url``, with live progress and stop files;
+    with ``workers`` >= 1, aggregation is sharded over that many local worker processes."""
     address = parse_broker_url(url)
     if not is_listening(address.host, address.port, timeout_s=5.0):
         # Fail at once (connect() would wait for its timeout) and say what to do.
@@ -498,18 +558,29 @@ def _run_on_broker(
         evaluator = make_evaluator(data["dataset"], None if data_dir is None else Path(data_dir))
     transport = _mqtt_transport(broker, url)
     files = RunFiles(env.state_dir, spec.run_id)
-    with env.store(create=True) as store, _controlled(env, spec.run_id):
+    with (
+        env.store(create=True) as store,
+        _controlled(env, spec.run_id),
+        contextlib.ExitStack() as stack,
+    ):
         done = sum(1 for r in store.rounds(spec.run_id) if r.closed_at is not None)
         with render.RunProgress(env.console, spec.run_id, spec.rounds, done=done) as progress:
-            runner = Runner(
-                spec,
-                transport,
-                store,
-                topics=Topics(broker.prefix),
-                evaluator=evaluator,
-                on_progress=progress,
-            )
             try:
+                coordinator, pool = (
+                    _start_sharding(stack, env, spec, broker, url, workers)
+                    if workers
+                    else (None, None)
+                )
+                runner = Runner(
+                    spec,
+                    transport,
+                    store,
+                    topics=Topics(broker.prefix),
+                    evaluator=evaluator,
+                    on_progress=progress,
+                    coordinator=coordinator,
+                    supervise=None if pool is None else pool.respawn_dead,
+                )
                 runner.connect()
             except BrokerUnavailableError as exc:
                 raise BrokerUnavailableError(
@@ -554,17 +625,33 @@ def run() -> None:
     show_default=True,
     help="How long to wait for them, in seconds.",
 )
+@click.option(
+    "--workers",
+    type=click.IntRange(0),
+    default=0,
+    show_default=True,
+    help="Aggregator worker processes to start here (sharded aggregation; 0: the fleet "
+    "manager aggregates alone). Same model bits either way.",
+)
 @pass_env
 def run_start(
-    env: Env, config_file: Path, run_id: str | None, wait_devices: int | None, wait_s: float
+    env: Env,
+    config_file: Path,
+    run_id: str | None,
+    wait_devices: int | None,
+    wait_s: float,
+    workers: int,
 ) -> None:
     """Run CONFIG in the foreground against the devices online at the broker.
 
     If the run id exists and is not finished, the run is continued (as `fleet run resume`
     would), so that a fleet manager restarted by its service manager picks up where it was.
+    With --workers K, K local aggregator workers decode, validate, store and sum the updates
+    (docs/scaling.md); they stop with the run, Ctrl-C included.
     """
     loaded = load_config(config_file)
     spec = run_spec(loaded, run_id or loaded.run.id or default_run_id(config_file.stem))
+    check_sharding(spec, workers)  # before anything starts
     url, source = env.broker_url(loaded.broker.url)
     broker_config = env.broker_account(loaded.broker, source)
     with env.store(create=True) as store:
@@ -574,6 +661,7 @@ def run_start(
         _check_not_running(files)
         files.clear_stop()
         spec = existing
+        check_sharding(spec, workers)
     data = _data_to_json(loaded.data)
     devices_wanted = wait_devices or spec.clients_per_round
     files.write_launch(
@@ -584,6 +672,7 @@ def run_start(
             "data": data,
             "wait_devices": devices_wanted,
             "wait_s": wait_s,
+            "workers": workers,
         }
     )
     verb = "continuing run" if existing is not None else "run"
@@ -600,6 +689,7 @@ def run_start(
         data,
         wait_devices=devices_wanted,
         wait_s=wait_s,
+        workers=workers,
     )
     _finish_message(env, spec)
 
@@ -667,6 +757,8 @@ def run_resume(env: Env, run_id: str) -> None:
         recorded = _broker_from_json(launch.get("broker", {}))
         url, source = env.broker_url(recorded.url)
         broker_config = env.broker_account(recorded, source)
+        workers = int(launch.get("workers", 0))
+        check_sharding(spec, workers)
         _run_on_broker(
             env,
             spec,
@@ -676,6 +768,7 @@ def run_resume(env: Env, run_id: str) -> None:
             launch.get("data"),
             wait_devices=int(launch.get("wait_devices", spec.clients_per_round)),
             wait_s=float(launch.get("wait_s", 30.0)),
+            workers=workers,
         )
     _finish_message(env, spec)
 
@@ -1019,6 +1112,88 @@ def demo(
         f"next: `fleet run list`, `fleet run status {specs[0].run_id}`, "
         f"`fleet run report {specs[0].run_id} {specs[1].run_id}`"
     )
+
+
+# -- aggregator workers -----------------------------------------------------------------------
+
+
+@cli.group()
+def aggregator() -> None:
+    """Sharded aggregation: workers that decode, validate, store and sum a run's updates."""
+
+
+@aggregator.command("run")
+@click.option("--run", "run_id", required=True, metavar="RUN", help="The run to aggregate.")
+@click.option(
+    "--worker-id",
+    required=True,
+    metavar="ID",
+    help="MQTT client id; keep it across restarts so the worker resumes its session.",
+)
+@click.option(
+    "--broker",
+    "broker_url",
+    metavar="URL",
+    help="Default: the global --broker, else the local broker, else mqtt://127.0.0.1:1883.",
+)
+@click.option(
+    "--state",
+    type=click.Path(path_type=Path, file_okay=False),
+    help="The fleet manager's state directory (default: the global --state-dir).",
+)
+@click.option("--prefix", default="fl/v1", show_default=True, help="Topic prefix.")
+@click.option(
+    "--group", default=DEFAULT_GROUP, show_default=True, help="Shared-subscription group."
+)
+@click.option("--username", help="Broker account (the fleet manager's).")
+@click.option(
+    "--password-file",
+    type=click.Path(path_type=Path, dir_okay=False),
+    help="File whose first line is the password.",
+)
+@click.option("--ca-file", type=click.Path(path_type=Path, dir_okay=False), help="Broker's CA.")
+@click.option("--cert-file", type=click.Path(path_type=Path, dir_okay=False), help="Client cert.")
+@click.option("--key-file", type=click.Path(path_type=Path, dir_okay=False), help="Its key.")
+@click.option("--insecure", is_flag=True, help="Skip the TLS host-name check (test certs only).")
+@pass_env
+def aggregator_run(
+    env: Env,
+    run_id: str,
+    worker_id: str,
+    broker_url: str | None,
+    state: Path | None,
+    prefix: str,
+    group: str,
+    username: str | None,
+    password_file: Path | None,
+    ca_file: Path | None,
+    cert_file: Path | None,
+    key_file: Path | None,
+    insecure: bool,
+) -> None:
+    """Run one aggregator worker for RUN until Ctrl-C or SIGTERM.
+
+    The same as `python -m fleet.aggregator run`. It must run where the fleet manager's state
+    directory is (it stores the updates it accepts there); `fleet run start --workers K`
+    starts K of them itself.
+    """
+    url = broker_url or env.broker_url()[0]
+    try:
+        parse_broker_url(url)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--broker") from None
+    state_dir = state or env.state_dir
+    env.console.print(f"aggregator worker {worker_id} for run {run_id} on {url}; stop with Ctrl-C")
+    run_worker(
+        url,
+        state_dir,
+        run_id,
+        worker_id,
+        prefix=prefix,
+        group=group,
+        login=BrokerLogin(username, password_file, ca_file, cert_file, key_file, insecure),
+    )
+    env.console.print(f"aggregator worker {worker_id} stopped")
 
 
 # -- devices and fleet status -----------------------------------------------------------------

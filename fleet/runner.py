@@ -9,6 +9,18 @@ a checkpoint of the new global model and the strategy's state is written before 
 closed. ``Runner.resume`` continues a run from the store after a crash: the open round's stored
 updates are decoded again, commands are re-sent to the devices that have not answered, and
 redelivered updates are recognised as duplicates.
+
+Aggregation is exact (``fleet.strategies.accumulate.aggregate_exact``: integer partial sums), so
+the new model does not depend on the order or the split of the updates. That is what makes the
+**sharded mode** give the same bits: with a ``Coordinator`` (``fleet.aggregator``), K aggregator
+workers on a shared subscription decode, validate, store and sum the round's updates; the runner
+does not subscribe to them (only to round 0, the initial job). It learns which updates were
+accepted from the store (polled), closes the round as usual (k of n, all answered, deadline),
+and gets the new model from ``Coordinator.collect`` (the workers' partial sums, and the
+coordinator's own decoding of whatever a dead worker held). An update a worker stores between
+the runner's decision to close and the close itself is dropped, as a late one would be.
+Robust aggregation (trimmed mean, median, clipping) and the "next" late policy need every update
+in the runner, so they are refused with workers (``check_sharding``).
 """
 
 from __future__ import annotations
@@ -24,7 +36,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-from device.errors import DecodeError, NotFoundError, ValidationError
+from device.errors import ConfigError, DecodeError, NotFoundError, ValidationError
 from device.models import create_model, prunable_names
 from device.seeding import derive_seed
 from device.wire import envelope
@@ -43,9 +55,12 @@ from device.wire.messages import (
 )
 from device.wire.topics import Topics
 from device.wire.transport import Message, Transport, Will
+from fleet.aggregator import Coordinator
 from fleet.registry import DeviceRegistry
-from fleet.store import Store
+from fleet.robust import RobustOptions
+from fleet.store import Store, StoreConflictError, UpdateRecord
 from fleet.strategies import create_strategy
+from fleet.strategies.accumulate import aggregate_exact, kind_of
 from fleet.strategies.base import Candidate, ClientResult, GlobalModel, Strategy
 from fleet.validate import Expectation, check_routing, reconstruct
 
@@ -124,6 +139,55 @@ def global_density(model: GlobalModel) -> float:
     return kept / total if total else 1.0
 
 
+def exact_aggregation_applies(strategy: Strategy) -> bool:
+    """Whether ``strategy``'s rounds can be aggregated from exact partial sums
+    (``aggregate_exact``): its kind is known to ``fleet.strategies.accumulate`` and it has no
+    robust aggregation enabled (a trimmed mean, a median or clipping needs every update)."""
+    try:
+        kind_of(strategy.name)
+    except ValueError:
+        return False
+    robust = getattr(getattr(strategy, "options", None), "robust", None)
+    return not (isinstance(robust, RobustOptions) and robust.enabled)
+
+
+def check_sharding(spec: RunSpec, workers: int, strategy: Strategy | None = None) -> None:
+    """Raise ``ConfigError`` when ``spec`` cannot run with ``workers`` aggregator workers.
+
+    ``workers`` >= 0 (0: the runner aggregates alone, always possible). With workers, the
+    strategy must aggregate from sums (no robust aggregation) and the late policy must be
+    "drop" (workers refuse updates of a closed round). ``strategy`` defaults to the spec's.
+    """
+    if workers < 0:
+        raise ConfigError(f"--workers must be 0 or more, got {workers}")
+    if workers == 0:
+        return
+    if strategy is None:
+        try:
+            strategy = create_strategy(spec.strategy, **dict(spec.strategy_options))
+        except (ValueError, TypeError) as exc:
+            raise ConfigError(f"run {spec.run_id!r}: {exc}") from None
+    robust = getattr(getattr(strategy, "options", None), "robust", None)
+    if isinstance(robust, RobustOptions) and robust.enabled:
+        raise ConfigError(
+            f"run {spec.run_id!r}: robust aggregation (method {robust.method!r}, clip_norm "
+            f"{robust.clip_norm!r}) cannot run on aggregator workers: a trimmed mean, a median "
+            "or clipping needs every update, and workers hand over only sums; run without "
+            "--workers, or remove run.options.robust"
+        )
+    if not exact_aggregation_applies(strategy):
+        raise ConfigError(
+            f"run {spec.run_id!r}: strategy {strategy.name!r} has no partial-sum aggregation; "
+            "run it without --workers"
+        )
+    if spec.late_policy != "drop":
+        raise ConfigError(
+            f"run {spec.run_id!r}: late_policy {spec.late_policy!r} cannot run on aggregator "
+            "workers (they refuse updates of a closed round); use late_policy drop or run "
+            "without --workers"
+        )
+
+
 def initial_weights(model_name: str, seed: int) -> tuple[dict[str, np.ndarray], list[str]]:
     """The seeded initial weights of a registered model and the names of its prunable tensors."""
     module = create_model(model_name, seed=seed)
@@ -149,13 +213,26 @@ class Runner:
         partition_for: Callable[[str], str] | None = None,
         on_progress: ProgressCallback | None = None,
         clock: Callable[[], float] = time.time,
+        coordinator: Coordinator | None = None,
+        handover_timeout_s: float = 10.0,
+        supervise: Callable[[], object] | None = None,
     ) -> None:
+        """``coordinator`` (connected, its workers running): sharded mode (module docstring);
+        ``handover_timeout_s``: how long ``Coordinator.collect`` waits for the workers' partial
+        sums before decoding the rest itself; ``supervise`` is called about once a second while
+        a sharded round collects (``LocalWorkers.respawn_dead``)."""
         self.spec = spec
         self.transport = transport
         self.store = store
         self.topics = topics or Topics()
         self.registry = registry or DeviceRegistry(store)
         self.strategy = strategy or create_strategy(spec.strategy, **dict(spec.strategy_options))
+        if coordinator is not None:
+            check_sharding(spec, 1, self.strategy)
+        self.coordinator = coordinator
+        self.handover_timeout_s = handover_timeout_s
+        self.supervise = supervise
+        self._exact = exact_aggregation_applies(self.strategy)
         self.evaluator = evaluator
         self.partition_for = partition_for or (lambda device_id: "")
         self.on_progress = on_progress
@@ -184,7 +261,11 @@ class Runner:
         self.transport.connect()
         self.transport.subscribe(self.topics.all_status(), qos=1)
         self.transport.subscribe(self.topics.all_events(), qos=1)
-        self.transport.subscribe(self.topics.all_updates(self.spec.run_id), qos=1)
+        if self.coordinator is None:
+            self.transport.subscribe(self.topics.all_updates(self.spec.run_id), qos=1)
+        else:
+            # The workers take the rounds' updates; the runner only the initial job's (round 0).
+            self.transport.subscribe(self.topics.round_updates(self.spec.run_id, 0), qos=1)
 
     def wait_for_devices(self, count: int, timeout_s: float) -> int:
         """Handle births until ``count`` devices are eligible (or ``timeout_s`` passes).
@@ -336,17 +417,20 @@ class Runner:
                 model_version_in=self.model.version,
             )
         state = _RoundState(round_, selected, deadline)
-        for row in self.store.updates_for_round(spec.run_id, round_, statuses=("accepted",)):
-            # After a restart: updates stored before the crash count, exactly once.
-            result = self._decode_stored(row.device_id, round_, row.load_payload())
-            if result is None:
-                state.dropped.append((round_, row.device_id))
-            else:
-                state.results[row.device_id] = result
-                state.upload_bytes += row.payload_bytes
-        deferred, self._deferred = self._deferred, []
-        for message in deferred:
-            self._handle(message, state)
+        if self.coordinator is not None:
+            self._poll_stored(state, announce=False)  # after a restart: stored ones count
+        else:
+            for row in self.store.updates_for_round(spec.run_id, round_, statuses=("accepted",)):
+                # After a restart: updates stored before the crash count, exactly once.
+                result = self._decode_stored(row.device_id, round_, row.load_payload())
+                if result is None:
+                    state.dropped.append((round_, row.device_id))
+                else:
+                    state.results[row.device_id] = result
+                    state.upload_bytes += row.payload_bytes
+            deferred, self._deferred = self._deferred, []
+            for message in deferred:
+                self._handle(message, state)
         self._publish_model()
         command = RoundCommand(
             model_version=self.model.version,
@@ -358,34 +442,48 @@ class Runner:
             deadline_unix_s=deadline,
         )
         for device_id in selected:
-            if device_id in state.results:
+            if state.has(device_id):
                 continue
             down = self._snapshot_bytes + self._send_command(device_id, round_, command)
             state.download_bytes += down
             self.store.add_traffic(spec.run_id, round_, device_id, down=down)
-        self._publish_fleet_status(round_, len(selected), len(state.results))
+        self._publish_fleet_status(round_, len(selected), state.count)
         closed_by = self._collect(state)
         self._last_closed = state
         for device_id in selected:  # stragglers: their work would be dropped anyway
-            if device_id not in state.results and device_id not in state.failed:
+            if not state.has(device_id) and device_id not in state.failed:
                 self._send(device_id, round_, CancelCommand(reason=f"round {round_} closed"))
-        results = [state.results[d] for d in sorted(state.results)]
-        counted = [(round_, d) for d in sorted(state.results)]
+        received = state.received
+        results = [state.results[d] for d in received if d in state.results]
+        counted = [(round_, d) for d in received]
         late = self._late if self.spec.late_policy == "next" else []
         self._late = []
         metrics: dict[str, float] = {}
-        if len(state.results) >= spec.min_updates:
+        handover: dict[str, float] = {}
+        if len(received) >= spec.min_updates:
             results.extend(result for _, result in late)
             counted.extend(key for key, _ in late)
             old_masks = self.model.masks
-            new_model = self.strategy.aggregate(round_, self.model, results)
+            if self.coordinator is not None:
+                new_model, done = self.coordinator.collect(
+                    self.strategy, round_, self.model, received, timeout_s=self.handover_timeout_s
+                )
+                handover = {
+                    "handover_s": done.wall_s,
+                    "partials": len(done.partials),
+                    "recovered": len(done.recovered),
+                }
+            elif self._exact:
+                new_model = aggregate_exact(self.strategy, round_, self.model, results)
+            else:
+                new_model = self.strategy.aggregate(round_, self.model, results)
             changed = _masks_differ(old_masks, new_model.masks)
             self._set_model(new_model, mask_changed=changed)
         else:
             log.warning(
                 "round %d closed with %d updates (< %d): model unchanged",
                 round_,
-                len(state.results),
+                len(received),
                 spec.min_updates,
             )
             metrics["skipped"] = 1.0
@@ -397,10 +495,15 @@ class Runner:
         density = global_density(self.model)
         if counted:
             self._checkpoint(round_)
+        if self.coordinator is not None:
+            # The workers judged this round's updates; they recorded what they refused.
+            state.rejected = sum(
+                1 for r in self.store.rejections(run_id=spec.run_id) if r.round == round_
+            )
         report = RoundReport(
             round=round_,
             selected=selected,
-            received=tuple(sorted(state.results)),
+            received=received,
             failed=tuple(sorted(state.failed)),
             rejected=state.rejected,
             model_version=self.model.version,
@@ -408,21 +511,25 @@ class Runner:
             upload_bytes=state.upload_bytes,
             download_bytes=state.download_bytes,
             wall_s=self.clock() - start,
-            max_train_s=max((r.metrics.get("train_s", 0.0) for r in results), default=0.0),
+            max_train_s=max(
+                [r.metrics.get("train_s", 0.0) for r in results]
+                + [float(row.meta.get("train_s", 0.0)) for row in state.rows.values()],
+                default=0.0,
+            ),
             closed_by=closed_by,
             metrics=metrics,
         )
-        self.store.close_round(
-            spec.run_id,
+        self._close_in_store(
             round_,
             model_version_out=self.model.version if counted else None,
             counted=counted,
             dropped=state.dropped,
             metrics={
                 **metrics,
+                **handover,
                 "density": density,
                 "wall_s": report.wall_s,
-                "received": len(state.results),
+                "received": len(received),
                 "selected": len(selected),
             },
             reason=closed_by,
@@ -523,17 +630,86 @@ class Runner:
 
     def _collect(self, state: _RoundState) -> Literal["k_of_n", "deadline", "all_answered"]:
         k = min(self.spec.clients_per_round, len(state.selected))
+        sharded = self.coordinator is not None
+        polled = supervised = -math.inf
         while True:
-            if len(state.results) >= k:
+            if sharded and time.monotonic() - polled >= _POLL_S:
+                self._poll_stored(state, announce=True)
+                polled = time.monotonic()
+            if sharded and self.supervise is not None and time.monotonic() - supervised >= 1.0:
+                self.supervise()
+                supervised = time.monotonic()
+            if state.count >= k:
                 return "k_of_n"
-            if len(state.results) + len(state.failed) >= len(state.selected):
+            if state.count + len(state.failed) >= len(state.selected):
                 return "all_answered"
             remaining = state.deadline - self.clock()
             if remaining <= 0:
                 return "deadline"
-            message = self.transport.get(timeout_s=min(remaining, 0.5))
+            message = self.transport.get(timeout_s=min(remaining, _POLL_S if sharded else 0.5))
             if message is not None:
                 self._handle(message, state)
+
+    def _poll_stored(self, state: _RoundState, *, announce: bool) -> None:
+        """Sharded mode: take the round's updates the workers have accepted (and stored)."""
+        rows = self.store.updates_for_round(self.spec.run_id, state.round, statuses=("accepted",))
+        for row in rows:
+            if row.device_id in state.rows:
+                continue
+            state.rows[row.device_id] = row
+            state.upload_bytes += row.payload_bytes
+            if announce and self.on_progress is not None:
+                self.on_progress(
+                    "update",
+                    {
+                        "device_id": row.device_id,
+                        "round": state.round,
+                        "received": state.count,
+                        "selected": len(state.selected),
+                    },
+                )
+
+    def _close_in_store(
+        self,
+        round_: int,
+        *,
+        model_version_out: int | None,
+        counted: list[tuple[int, str]],
+        dropped: list[tuple[int, str]],
+        metrics: Mapping[str, Any],
+        reason: str,
+    ) -> None:
+        """``Store.close_round``. In sharded mode a worker may store an update of this round
+        after the runner decided to close it (the round is open in the store until now): such
+        updates were not aggregated, so they are dropped, like late ones, never left undecided.
+        """
+        for attempt in range(_CLOSE_ATTEMPTS):
+            if self.coordinator is not None:
+                decided = set(counted) | set(dropped)
+                extra = [
+                    (round_, u.device_id)
+                    for u in self.store.updates_for_round(
+                        self.spec.run_id, round_, statuses=("accepted",)
+                    )
+                    if (round_, u.device_id) not in decided
+                ]
+                if extra:
+                    log.info("round %d: dropping updates stored after its close: %s", round_, extra)
+                    dropped = [*dropped, *extra]
+            try:
+                self.store.close_round(
+                    self.spec.run_id,
+                    round_,
+                    model_version_out=model_version_out,
+                    counted=counted,
+                    dropped=dropped,
+                    metrics=metrics,
+                    reason=reason,
+                )
+                return
+            except StoreConflictError:
+                if self.coordinator is None or attempt == _CLOSE_ATTEMPTS - 1:
+                    raise
 
     # -- messages --------------------------------------------------------------------------
 
@@ -550,6 +726,10 @@ class Runner:
                 self._on_status(parsed.device_id, message)
             elif parsed.kind == "dev_events":
                 self._on_event(parsed.device_id, message, state)
+            elif parsed.kind == "dev_update" and self.coordinator is not None and parsed.round:
+                # Sharded: the workers own the rounds' updates (a subscription left in this
+                # client's persistent session from an unsharded start can still deliver them).
+                log.debug("update on %s left to the aggregator workers", message.topic)
             elif parsed.kind == "dev_update" and message.retain:
                 # Updates are never retained (DESIGN section 4) and the ACL cannot forbid the
                 # flag: a retained one would be replayed to every new subscriber.
@@ -809,17 +989,39 @@ class Runner:
         self.transport.publish(self.topics.fleet_status(), payload, qos=1, retain=True, wait=False)
 
 
+_POLL_S = 0.2
+"""Sharded mode: seconds between two looks at the store for the workers' accepted updates."""
+_CLOSE_ATTEMPTS = 5
+
+
 @dataclass
 class _RoundState:
+    """One round in progress. ``results``: updates the runner decoded itself; ``rows``: those
+    the aggregator workers stored (sharded mode). A device is in at most one of them."""
+
     round: int
     selected: tuple[str, ...]
     deadline: float
     results: dict[str, ClientResult] = field(default_factory=dict)
+    rows: dict[str, UpdateRecord] = field(default_factory=dict)
     failed: set[str] = field(default_factory=set)
     dropped: list[tuple[int, str]] = field(default_factory=list)
     rejected: int = 0
     upload_bytes: int = 0
     download_bytes: int = 0
+
+    @property
+    def count(self) -> int:
+        """Updates accepted so far."""
+        return len(self.results) + len(self.rows)
+
+    @property
+    def received(self) -> tuple[str, ...]:
+        """The devices whose update was accepted, sorted (the aggregation order)."""
+        return tuple(sorted(self.results.keys() | self.rows.keys()))
+
+    def has(self, device_id: str) -> bool:
+        return device_id in self.results or device_id in self.rows
 
 
 def _masks_differ(a: Mapping[str, np.ndarray], b: Mapping[str, np.ndarray]) -> bool:

@@ -247,11 +247,17 @@ class Topics:
             return f"{self.prefix}/dev/+/up/#"
         return f"{self.prefix}/dev/+/up/{validate_id(run_id, 'run id')}/#"
 
+    def round_updates(self, run_id: str, round_: int) -> str:
+        """Every device's updates (and their chunks) of one round of one run; the sharded fleet
+        manager takes round 0 (PruneFL's initial job) itself and leaves the others to workers."""
+        return f"{self.prefix}/dev/+/up/{validate_id(run_id, 'run id')}/{_validate_round(round_)}/#"
+
     def shared_updates(self, group: str, run_id: str | None = None) -> str:
         """``all_updates`` as a shared subscription: each update goes to one member of ``group``.
 
-        Only for payloads that are never chunked: the broker spreads the chunks of one payload
-        over the members, so none of them could reassemble it (see docs/protocol.md).
+        The broker spreads the chunks of one payload over the members, so no member can
+        reassemble a chunked update alone: subscribers reassemble through a shared store
+        (``fleet.aggregator``, ``ReassemblyLimits.deliver_shared_chunks``; docs/protocol.md).
         """
         return f"$share/{validate_id(group, 'group')}/{self.all_updates(run_id)}"
 

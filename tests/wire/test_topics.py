@@ -140,6 +140,12 @@ def test_filters_match_exactly_their_topics() -> None:
     assert not topic_matches(T.all_status(), T.dev_events("d1"))
     assert topic_matches(T.all_events(), T.dev_events("d1"))
     assert not topic_matches(T.all_events(), T.dev_cmd("d1"))
+    assert topic_matches(T.round_updates("r1", 3), update)
+    assert topic_matches(T.round_updates("r1", 3), chunk_topic(update, 0))
+    assert not topic_matches(T.round_updates("r1", 0), update)
+    assert not topic_matches(T.round_updates("r1", 3), T.dev_update("d1", "r1", 30))
+    with pytest.raises(ValueError):
+        T.round_updates("r1", -1)
     assert T.shared_updates("agg") == "$share/agg/fl/v1/dev/+/up/#"
     assert topic_matches(T.shared_updates("agg"), update)
 
