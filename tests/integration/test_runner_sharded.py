@@ -46,21 +46,31 @@ def _one_thread() -> None:
     torch.set_num_threads(1)
 
 
-def _spec() -> RunSpec:
-    """FedDST with a mask readjustment every round (votes and top-k go through the sums), every
-    device in every round (k = n, so which devices count never depends on timing)."""
+def _spec(strategy: str = "feddst") -> RunSpec:
+    """Every device in every round (k = n, so which devices count never depends on timing).
+
+    ``feddst``: a mask readjustment every round (votes and top-k go through the sums).
+    ``prunefl``: the initial pruning at one device in round 0 (the runner's own job, never a
+    worker's) and a reconfiguration every round from the summed squared gradients.
+    """
+    training = {"epochs": 1, "batch_size": 32, "lr": 0.05}
+    options: dict[str, Any] = {"clients_per_round": DEVICES, "training": training}
+    if strategy == "feddst":
+        options |= {"total_rounds": ROUNDS, "readjust_every": 1}
+    else:
+        options |= {
+            "initial_pruning": True,
+            "rounds_per_reconfig": 1,
+            "max_reconfigs": 2,
+            "reconfig_every": 1,
+        }
     return RunSpec(
         run_id=RUN,
         model_name="mlp",
-        strategy="feddst",
+        strategy=strategy,
         rounds=ROUNDS,
         clients_per_round=DEVICES,
-        strategy_options={
-            "clients_per_round": DEVICES,
-            "training": {"epochs": 1, "batch_size": 32, "lr": 0.05},
-            "total_rounds": ROUNDS,
-            "readjust_every": 1,
-        },
+        strategy_options=options,
         round_timeout_s=120.0,
     )
 
@@ -89,7 +99,9 @@ def _client(broker: MosquittoBroker, client_id: str, **kwargs: Any) -> MqttTrans
     )
 
 
-def run_fleet(state: Path, workers: int, *, kill_first_worker: bool = False) -> Outcome:
+def run_fleet(
+    state: Path, workers: int, *, kill_first_worker: bool = False, strategy: str = "feddst"
+) -> Outcome:
     """One whole run on a fresh broker: ``DEVICES`` agents, the runner, and ``workers`` local
     worker processes (0: the runner aggregates alone). ``kill_first_worker``: SIGKILL the
     worker that stored round 1's first update as soon as the runner sees it."""
@@ -138,7 +150,7 @@ def run_fleet(state: Path, workers: int, *, kill_first_worker: bool = False) -> 
         transport = _client(broker, "fleet-manager", manual_ack=True)
         stack.callback(transport.close)
         runner = Runner(
-            _spec(),
+            _spec(strategy),
             transport,
             store,
             partition_for=partition_lookup(DEVICES),
@@ -177,7 +189,8 @@ def alone(tmp_path_factory: pytest.TempPathFactory) -> Outcome:
 
 
 def assert_same_models(a: Outcome, b: Outcome) -> None:
-    assert sorted(a.checkpoints) == sorted(b.checkpoints) == list(range(ROUNDS + 1))
+    assert sorted(a.checkpoints) == sorted(b.checkpoints)
+    assert len(a.checkpoints) >= ROUNDS + 1
     for version, (weights, masks) in a.checkpoints.items():
         other_weights, other_masks = b.checkpoints[version]
         for name in weights:
@@ -214,3 +227,18 @@ def test_worker_killed_mid_round_loses_nothing(alone: Outcome, tmp_path: Path) -
     assert sharded.restarts >= 1
     assert sharded.round_metrics[1]["recovered"] >= 1
     assert_same_models(alone, sharded)
+
+
+def test_prunefl_with_workers_gives_the_runners_own_models(tmp_path: Path) -> None:
+    """PruneFL: the initial pruning job (round 0) stays with the runner, the rounds' updates and
+    their squared gradients go through two workers' sums, and every checkpoint (the pruned
+    initial model and each reconfigured one) equals the runner-alone run's, bit for bit."""
+    alone = run_fleet(tmp_path / "alone", workers=0, strategy="prunefl")
+    sharded = run_fleet(tmp_path / "sharded", workers=2, strategy="prunefl")
+    assert_same_models(alone, sharded)
+    densities = {
+        version: tuple(float(m.mean()) for m in masks.values())
+        for version, (_, masks) in alone.checkpoints.items()
+    }
+    assert len(set(densities.values())) >= 3, f"no pruning or no reconfiguration: {densities}"
+    assert all(w is not None for w in sharded.stored_by.values())
