@@ -62,6 +62,7 @@ LR, MOMENTUM, WEIGHT_DECAY = 0.01, 0.9, 1e-3
 TARGET_RATIO_AT_01, NOISE_TOLERANCE, TARGET_RSS_MB = 0.6, 1.05, 400.0
 ROUND_EXAMPLES, ROUND_EPOCHS = 200, 2
 BLOCK = 10  # steps per measured round
+PLAIN_TORCH = "plain-torch-sgd"  # a --plan value of the round child: torch's SGD alone
 
 
 def _step_times(
@@ -210,7 +211,10 @@ def round_child(density: float, plan: frozenset[str], threads: int) -> None:
         epochs=ROUND_EPOCHS, batch_size=BATCH, lr=LR, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY
     )
     start = time.perf_counter()
-    train_round(model, masks, data, settings, seed=3, kernel_plan=plan)
+    if PLAIN_TORCH in plan:
+        _plain_torch_round(model, data)
+    else:
+        train_round(model, masks, data, settings, seed=3, kernel_plan=plan)
     seconds = time.perf_counter() - start
     peak_mb = _status_mb("VmHWM")
     result = {
@@ -221,6 +225,22 @@ def round_child(density: float, plan: frozenset[str], threads: int) -> None:
         "round_s": seconds,
     }
     print(json.dumps(result))
+
+
+def _plain_torch_round(model: nn.Module, data: Examples) -> None:
+    """The floor a trainer is compared with: the same epochs and batches with torch's own SGD
+    (momentum, weight decay) on the dense model, and nothing else (no masks, no deltas)."""
+    optimizer = torch.optim.SGD(
+        model.parameters(), lr=LR, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY
+    )
+    for _ in range(ROUND_EPOCHS):
+        for first in range(0, ROUND_EXAMPLES, BATCH):
+            optimizer.zero_grad(set_to_none=True)
+            loss = nn.functional.cross_entropy(
+                model(data.x[first : first + BATCH]), data.y[first : first + BATCH]
+            )
+            torch.autograd.backward(loss)
+            optimizer.step()
 
 
 def run_round(density: float, plan: frozenset[str], threads: int) -> dict[str, float]:
@@ -273,6 +293,7 @@ def main() -> None:
         plan = choose_plan(profile, dict.fromkeys(names, density))
         rows.append(measure_density(density, plan, args.reps))
         rounds.append(run_round(density, plan, args.threads))
+    plain = run_round(1.0, frozenset({PLAIN_TORCH}), args.threads)
 
     print()
     header = (
@@ -297,7 +318,8 @@ def main() -> None:
     )
     print(
         f"round RSS: {min(r['before_round_mb'] for r in rounds):.0f} MB before the round (torch, "
-        f"model, masks, data), peak {peak:.0f} MB; "
+        f"model, masks, data), peak {peak:.0f} MB; a plain torch SGD loop over the same batches "
+        f"(dense, no masks, no deltas) peaks at {plain['peak_rss_mb']:.0f} MB; "
         + (
             "peak reset after setup"
             if all(r["peak_reset"] for r in rounds)
@@ -311,9 +333,13 @@ def main() -> None:
             at_01.ratio <= TARGET_RATIO_AT_01,
         ),
         (
-            f"never slower: max chosen/dense = {max(r.ratio for r in rows):.2f} "
-            f"(target <= 1, {NOISE_TOLERANCE} with noise)",
-            all(r.ratio <= NOISE_TOLERANCE for r in rows),
+            # A row with an empty plan runs the dense step itself (the chooser fell back): its
+            # distance from 1.00 is this machine's noise, shown but not judged.
+            "never slower where a kernel was chosen: max chosen/dense = "
+            f"{max((r.ratio for r in rows if r.plan), default=1.0):.2f} (target <= 1, "
+            f"{NOISE_TOLERANCE} with noise); rows without a kernel (same step): "
+            + (", ".join(f"{r.ratio:.2f}" for r in rows if not r.plan) or "none"),
+            all(r.ratio <= NOISE_TOLERANCE for r in rows if r.plan),
         ),
         (
             f"peak RSS of a local round = {peak:.0f} MB (target <= {TARGET_RSS_MB:.0f})",
@@ -343,6 +369,7 @@ def main() -> None:
                 for r, rnd in zip(rows, rounds, strict=True)
             ],
             "peak_rss_mb": round(peak, 1),
+            "plain_torch_peak_rss_mb": round(plain["peak_rss_mb"], 1),
             "profile_s": round(profile_s, 2),
         }
         args.json.write_text(json.dumps(payload, indent=2) + "\n")

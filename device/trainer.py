@@ -439,11 +439,13 @@ def _prepare_gradients(
 
 @dataclass(frozen=True)
 class _Start:
-    """The state a round starts from, kept small: for pruned tensors only their values on the
-    start mask (all other entries are zero there), other entries (biases, buffers) whole.
+    """The state a round starts from, kept small: a pruned tensor below density 1/3 keeps only
+    its values on the start mask (zero elsewhere), every other entry a whole copy.
 
-    Deltas are then ``final - start`` exactly as with a dense copy: off the start mask the start
-    value is 0 and ``x - 0 == x``.
+    Why 1/3: the on-mask form costs 4 bytes per kept entry for the round and 8 more (int64 flat
+    positions) while the deltas are built; a whole copy costs 4 bytes per entry. Deltas are
+    ``final - start`` exactly as with a dense copy: off the start mask the start value is 0 and
+    ``x - 0 == x``; on it ``x + (-1) * s == x - s``.
     """
 
     on_mask: dict[str, tuple[torch.Tensor, torch.Tensor]]
@@ -451,8 +453,15 @@ class _Start:
 
     @classmethod
     def of(cls, state: Mapping[str, torch.Tensor], masks: Masks) -> _Start:
-        on_mask = {n: (m, state[n].detach()[m].clone()) for n, m in masks.items()}
-        whole = {n: t.detach().clone() for n, t in state.items() if n not in masks}
+        on_mask: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        whole: dict[str, torch.Tensor] = {}
+        for name, tensor in state.items():
+            mask = masks.get(name)
+            if mask is not None and 3 * int(mask.sum()) < mask.numel():
+                values = tensor.detach().reshape(-1).index_select(0, _flat(mask))
+                on_mask[name] = (mask, values)
+            else:
+                whole[name] = tensor.detach().clone()
         return cls(on_mask, whole)
 
     def dense(self, like: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -460,26 +469,37 @@ class _Start:
         dense = dict(self.whole)
         for name, (mask, values) in self.on_mask.items():
             tensor = torch.zeros_like(like[name])
-            tensor[mask] = values
+            tensor.view(-1).index_copy_(0, _flat(mask), values)
             dense[name] = tensor
         return dense
 
     def deltas(self, final: Mapping[str, torch.Tensor], masks: Masks) -> dict[str, torch.Tensor]:
         """``final - start`` per state_dict entry (float32 for integer entries), zero off
-        ``masks`` (the final masks)."""
+        ``masks`` (the final masks). Consumes this object: float deltas of whole copies are
+        computed in place of the copy (no further model-sized buffer)."""
         deltas: dict[str, torch.Tensor] = {}
         for name, value in final.items():
             if name in self.on_mask:
-                mask, values = self.on_mask[name]
+                start_mask, values = self.on_mask[name]
                 delta = value.detach().clone()
-                delta[mask] -= values
-                delta.mul_(masks[name])
+                delta.view(-1).index_add_(0, _flat(start_mask), values, alpha=-1)
+            elif value.is_floating_point() and self.whole[name].dtype == value.dtype:
+                start = self.whole[name]
+                delta = torch.sub(value.detach(), start, out=start)
             elif value.is_floating_point():
                 delta = value.detach() - self.whole[name]
             else:
                 delta = value.detach().to(torch.float32) - self.whole[name].to(torch.float32)
+            if name in masks:
+                delta.mul_(masks[name])
             deltas[name] = delta
         return deltas
+
+
+def _flat(mask: torch.Tensor) -> torch.Tensor:
+    """Row-major positions of a mask's kept entries (int64 ``[nnz]``); a 1-D ``nonzero`` needs
+    half the index memory of indexing with the bool mask itself."""
+    return mask.reshape(-1).nonzero().squeeze(1)
 
 
 def _readjust(

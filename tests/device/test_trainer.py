@@ -135,10 +135,12 @@ def test_masked_entries_stay_zero_across_a_readjustment() -> None:
 # --- results -----------------------------------------------------------------------------------
 
 
-def test_deltas_are_trained_minus_initial_and_zero_outside_the_final_mask() -> None:
-    """The upload is the change of every state_dict entry, restricted to the final mask."""
+@pytest.mark.parametrize("density", [0.1, 0.4, 0.9])
+def test_deltas_are_trained_minus_initial_and_zero_outside_the_final_mask(density: float) -> None:
+    """The upload is the change of every state_dict entry, restricted to the final mask, bit for
+    bit (sparse layers keep only their start values on the mask, dense ones a whole copy)."""
     model = make_model()
-    masks = make_masks(model)
+    masks = make_masks(model, density)
     apply_masks(model, masks)
     initial = {n: t.clone() for n, t in model.state_dict().items()}
     result = train_round(model, masks, make_data(), SETTINGS, seed=5)
