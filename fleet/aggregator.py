@@ -149,10 +149,11 @@ class RoundContext:
     def book_for(self, version: int) -> dict[str, KnownMask] | None:
         return self.book if version == self.model.version else None
 
-    def validate(
+    def routed(
         self, device_id: str, topic_run: str, topic_round: int, payload: bytes
-    ) -> tuple[DeviceUpdate, ClientResult]:
-        """Decode and check an update as the runner does; ``ValidationError`` says why not."""
+    ) -> DeviceUpdate:
+        """Decode an update and check that it belongs to this round and device, as the runner
+        does (size limit, envelope, ``check_routing``); ``ValidationError`` says why not."""
         if len(payload) > self.max_update_bytes:
             raise ValidationError(
                 f"{len(payload)} bytes exceeds the limit {self.max_update_bytes}",
@@ -165,7 +166,13 @@ class RoundContext:
         exp = Expectation(
             self.run_id, self.round.round, tuple(self.round.selected), self.model, self.digest
         )
-        update = check_routing(env, device_id, topic_run, topic_round, exp)
+        return check_routing(env, device_id, topic_run, topic_round, exp)
+
+    def validate(
+        self, device_id: str, topic_run: str, topic_round: int, payload: bytes
+    ) -> tuple[DeviceUpdate, ClientResult]:
+        """Decode and check an update as the runner does; ``ValidationError`` says why not."""
+        update = self.routed(device_id, topic_run, topic_round, payload)
         result = reconstruct(update, self.model, device_id=device_id, model_digest=self.digest)
         self.strategy.check_result(self.model, result)
         return update, result
@@ -290,19 +297,7 @@ class AggregatorWorker:
     ) -> tuple[DeviceUpdate, SparseResult]:
         """``ctx.validate`` on the sparse representation (``fleet.validate.check_sparse``:
         the same checks, reasons and verdicts, without the dense copies)."""
-        if len(payload) > ctx.max_update_bytes:
-            raise ValidationError(
-                f"{len(payload)} bytes exceeds the limit {ctx.max_update_bytes}",
-                reason="oversized",
-            )
-        try:
-            env = envelope.decode(payload, book_for=ctx.book_for, max_bytes=ctx.max_update_bytes)
-        except DecodeError as exc:
-            raise ValidationError(str(exc), reason=f"decode:{exc.reason}") from exc
-        exp = Expectation(
-            self.run_id, ctx.round.round, tuple(ctx.round.selected), ctx.model, ctx.digest
-        )
-        update = check_routing(env, device_id, self.run_id, round_, exp)
+        update = ctx.routed(device_id, self.run_id, round_, payload)
         index = self._indexes.get(ctx.round.round)
         if index is None or index.model is not ctx.model:
             index = self._indexes[ctx.round.round] = ModelIndex(ctx.model)

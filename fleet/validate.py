@@ -28,7 +28,7 @@ from device.wire.messages import BoolArray, DeviceUpdate, Envelope, FloatArray
 from fleet.strategies.base import ClientResult, GlobalModel, Strategy
 from fleet.strategies.fedavg import FedAvg
 from fleet.strategies.feddst import FedDST
-from fleet.strategies.prunefl import PruneFL
+from fleet.strategies.prunefl import PruneFL, require_importance_complete
 
 IndexArray = npt.NDArray[np.intp]
 
@@ -86,15 +86,10 @@ def check_routing(
     return body
 
 
-def reconstruct(
-    update: DeviceUpdate, model: GlobalModel, *, device_id: str, model_digest: bytes
-) -> ClientResult:
-    """Weights the device trained to: ``global + delta`` on the device's mask, zero elsewhere.
-
-    Raises ``ValidationError`` for a model version or digest mismatch, missing or unknown tensor
-    names, wrong shapes, a partial mask on a dense tensor, non-finite values, or a bogus
-    example count.
-    """
+def _check_header(update: DeviceUpdate, model: GlobalModel, model_digest: bytes) -> None:
+    """The checks before any tensor is looked at: the model the device trained from, its
+    example count, and the set of tensor names (``reconstruct`` and ``check_sparse`` share them,
+    in this order, so both give the same reason for the same update)."""
     if update.model_version != model.version or update.model_digest != model_digest:
         raise ValidationError(
             f"trained from model version {update.model_version}, current is {model.version}",
@@ -111,6 +106,35 @@ def reconstruct(
             f"unknown {sorted(names - expected)[:5]}",
             reason="wrong_tensors",
         )
+
+
+def _checked_importance(update: DeviceUpdate, model: GlobalModel) -> dict[str, FloatArray]:
+    """The update's PruneFL importance, each a finite non-negative array shaped like the pruned
+    tensor it names (shared by ``reconstruct`` and ``check_sparse``)."""
+    importance: dict[str, FloatArray] = {}
+    for name, value in update.importance.items():
+        if name not in model.masks:
+            raise ValidationError(
+                f"importance for {name!r}, which is not pruned", reason="wrong_tensors"
+            )
+        if value.shape != model.weights[name].shape:
+            raise ValidationError(f"importance {name}: shape {value.shape}", reason="wrong_shape")
+        if not np.isfinite(value).all() or (value < 0).any():
+            raise ValidationError(f"importance {name}: negative, NaN or Inf", reason="non_finite")
+        importance[name] = value
+    return importance
+
+
+def reconstruct(
+    update: DeviceUpdate, model: GlobalModel, *, device_id: str, model_digest: bytes
+) -> ClientResult:
+    """Weights the device trained to: ``global + delta`` on the device's mask, zero elsewhere.
+
+    Raises ``ValidationError`` for a model version or digest mismatch, missing or unknown tensor
+    names, wrong shapes, a partial mask on a dense tensor, non-finite values, or a bogus
+    example count.
+    """
+    _check_header(update, model, model_digest)
     weights: dict[str, FloatArray] = {}
     masks = {}
     for name, delta in update.deltas.items():
@@ -130,17 +154,7 @@ def reconstruct(
         out = np.zeros(base.shape, dtype=np.float32)
         out[delta.mask] = base[delta.mask] + delta.values
         weights[name] = out
-    importance: dict[str, FloatArray] = {}
-    for name, value in update.importance.items():
-        if name not in model.masks:
-            raise ValidationError(
-                f"importance for {name!r}, which is not pruned", reason="wrong_tensors"
-            )
-        if value.shape != model.weights[name].shape:
-            raise ValidationError(f"importance {name}: shape {value.shape}", reason="wrong_shape")
-        if not np.isfinite(value).all() or (value < 0).any():
-            raise ValidationError(f"importance {name}: negative, NaN or Inf", reason="non_finite")
-        importance[name] = value
+    importance = _checked_importance(update, model)
     return ClientResult(
         device_id=device_id,
         num_examples=int(update.num_examples),
@@ -251,13 +265,7 @@ def _rule_masks_equal(model: GlobalModel, result: SparseResult, mi: ModelIndex) 
 def _rule_prunefl(model: GlobalModel, result: SparseResult, mi: ModelIndex) -> None:
     """``PruneFL.check_result`` after the common checks."""
     _rule_masks_equal(model, result, mi)
-    if result.importance:
-        missing = sorted(set(model.masks) - set(result.importance))
-        if missing:
-            raise ValidationError(
-                f"update from device {result.device_id!r}: importance missing for {missing}",
-                reason="bad_importance",
-            )
+    require_importance_complete(model, result.device_id, result.importance)
 
 
 def _rule_keep_nnz(model: GlobalModel, result: SparseResult, mi: ModelIndex) -> None:
@@ -302,22 +310,7 @@ def check_sparse(
     if mi is None:
         mi = ModelIndex(model)
     # -- reconstruct's checks, in its order, with its messages
-    if update.model_version != model.version or update.model_digest != model_digest:
-        raise ValidationError(
-            f"trained from model version {update.model_version}, current is {model.version}",
-            reason="wrong_model_version",
-        )
-    if not 1 <= update.num_examples <= MAX_EXAMPLES:
-        raise ValidationError(
-            f"num_examples {update.num_examples} out of range", reason="bad_num_examples"
-        )
-    names, expected = set(update.deltas), set(model.weights)
-    if names != expected:
-        raise ValidationError(
-            f"tensor names differ from the model: missing {sorted(expected - names)[:5]}, "
-            f"unknown {sorted(names - expected)[:5]}",
-            reason="wrong_tensors",
-        )
+    _check_header(update, model, model_digest)
     index: dict[str, IndexArray | None] = {}
     values: dict[str, FloatArray] = {}
     masks: dict[str, BoolArray] = {}
@@ -347,17 +340,7 @@ def check_sparse(
         else:
             index[name] = None
             values[name] = _add(base.reshape(-1), delta.values)
-    importance: dict[str, FloatArray] = {}
-    for name, value in update.importance.items():
-        if name not in model.masks:
-            raise ValidationError(
-                f"importance for {name!r}, which is not pruned", reason="wrong_tensors"
-            )
-        if value.shape != model.weights[name].shape:
-            raise ValidationError(f"importance {name}: shape {value.shape}", reason="wrong_shape")
-        if not np.isfinite(value).all() or (value < 0).any():
-            raise ValidationError(f"importance {name}: negative, NaN or Inf", reason="non_finite")
-        importance[name] = value
+    importance = _checked_importance(update, model)
     result = SparseResult(
         device_id=device_id,
         num_examples=int(update.num_examples),

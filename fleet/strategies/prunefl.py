@@ -55,6 +55,7 @@ from device.sparse.kernels import layer_cost
 from device.sparse.prunefl import reconfigure
 from device.wire.messages import (
     DeviceProfile,
+    FloatArray,
     InitialPruneResult,
     LocalTraining,
     ValueDType,
@@ -272,6 +273,19 @@ class PruneFLOptions:
                 raise ConfigError(f"prunefl: {message}")
 
 
+def require_importance_complete(
+    model: GlobalModel, device_id: str, importance: Mapping[str, FloatArray]
+) -> None:
+    """Importance, when a device sends any, must cover every pruned tensor of ``model``."""
+    if importance:
+        missing = sorted(set(model.masks) - set(importance))
+        if missing:
+            raise ValidationError(
+                f"update from device {device_id!r}: importance missing for {missing}",
+                reason="bad_importance",
+            )
+
+
 class PruneFL:
     """PruneFL (module docstring).
 
@@ -425,13 +439,7 @@ class PruneFL:
         every pruned tensor."""
         check_result_tensors(model, result)
         require_masks_equal(model, result)
-        if result.importance:
-            missing = sorted(set(model.masks) - set(result.importance))
-            if missing:
-                raise ValidationError(
-                    f"update from device {result.device_id!r}: importance missing for {missing}",
-                    reason="bad_importance",
-                )
+        require_importance_complete(model, result.device_id, result.importance)
 
     def aggregate(
         self, round: int, model: GlobalModel, results: Sequence[ClientResult]
