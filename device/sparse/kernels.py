@@ -12,9 +12,10 @@ work multiplying zeros. The kernels here compute with CSR (``torch.sparse_csr``)
 Whether a kernel is faster than masked dense compute depends on the layer's shape, its density
 and the CPU (on the development machine, forward + backward in values mode, CSR wins only for
 large linear layers: 2048 x 3136 is 0.5-0.6x dense at density 0.1, 0.3-0.4x at 0.05 and about
-1.1x at 0.2; convolutions lose at every density, see docs/benchmarks.md), so :func:`choose_plan` picks per layer from a
-measured :class:`~device.wire.messages.DeviceProfile` (see :mod:`device.profile`) and falls back
-to dense wherever the profile does not show a clear gain.
+1.1x at 0.2; convolutions lose at every density, see docs/benchmarks.md), so
+:func:`choose_plan` picks per layer from a measured :class:`~device.wire.messages.DeviceProfile`
+(see :mod:`device.profile`) and falls back to dense wherever the profile does not show a clear
+gain.
 
 Two ways to train a planned layer:
 
