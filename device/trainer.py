@@ -40,8 +40,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from device.errors import ConfigError, DataError
+from device.optim import MomentumSGD
 from device.seeding import derive_seed
-from device.sparse.masks import Masks, apply_masks, check_masks, masks_equal
+from device.sparse.masks import Masks, apply_masks, check_masks, masks_equal, zero_outside
 from device.sparse.policies import (
     drop_scores_magnitude,
     grow_scores_gradient,
@@ -192,9 +193,8 @@ class _Optimised:
     """What SGD trains: every parameter, except that in the kernels' values mode the planned
     weights are replaced by their ``[nnz]`` value tensors (momentum on the mask only).
 
-    ``tensors`` maps state_dict names to the tensors in the optimiser. Weight decay is not given
-    to torch's SGD: ``_prepare_gradients`` adds it in place, the same arithmetic without SGD's
-    gradient-sized temporary.
+    ``optimizer.tensors`` maps state_dict names to the tensors it trains. Weight decay is not
+    the optimiser's: ``_prepare_gradients`` adds it in place.
     """
 
     def __init__(
@@ -203,7 +203,6 @@ class _Optimised:
         self._model = model
         self._handle = handle if handle is not None and handle.train_values else None
         self._settings = settings
-        self.tensors: dict[str, torch.Tensor] = {}
         self.optimizer = self._build({})
 
     @property
@@ -211,29 +210,23 @@ class _Optimised:
         """The weights trained through their value tensors (empty without values mode)."""
         return self._handle.plan if self._handle is not None else frozenset()
 
-    def _build(self, momenta: Mapping[str, torch.Tensor]) -> torch.optim.SGD:
+    @property
+    def tensors(self) -> Mapping[str, torch.Tensor]:
+        return self.optimizer.tensors
+
+    def _build(self, momenta: Mapping[str, torch.Tensor]) -> MomentumSGD:
         tensors: dict[str, torch.Tensor] = dict(self._model.named_parameters())
         for name in self.values_mode:
             assert self._handle is not None
             tensors[name] = self._handle.values(name)
-        self.tensors = tensors
-        optimizer = torch.optim.SGD(
-            list(tensors.values()), lr=self._settings.lr, momentum=self._settings.momentum
+        return MomentumSGD(
+            tensors, lr=self._settings.lr, momentum=self._settings.momentum, momenta=momenta
         )
-        for name, buffer in momenta.items():
-            optimizer.state[tensors[name]]["momentum_buffer"] = buffer
-        return optimizer
 
     def zero_grad(self) -> None:
         """Clear every gradient, the planned weights' dense ones included."""
-        self.optimizer.zero_grad(set_to_none=True)
+        self.optimizer.zero_grad()
         self._model.zero_grad(set_to_none=True)
-
-    def momentum(self, name: str) -> torch.Tensor | None:
-        """The momentum buffer of ``name`` as the optimiser holds it (None before the first
-        step or without momentum)."""
-        buffer = self.optimizer.state.get(self.tensors[name], {}).get("momentum_buffer")
-        return buffer if isinstance(buffer, torch.Tensor) else None
 
     def dense_momenta(self, names: frozenset[str]) -> dict[str, torch.Tensor | None]:
         """Momentum of the weights ``names`` shaped like the weights (scattered from the values
@@ -241,7 +234,7 @@ class _Optimised:
         params = dict(self._model.named_parameters())
         momenta: dict[str, torch.Tensor | None] = {}
         for name in names:
-            buffer = self.momentum(name)
+            buffer = self.optimizer.momenta.get(name)
             if buffer is not None and name in self.values_mode:
                 assert self._handle is not None
                 dense = torch.zeros_like(params[name])
@@ -255,7 +248,7 @@ class _Optimised:
         their momentum gathered from ``dense_momenta``; every other buffer carries over."""
         if self._handle is None:
             return
-        momenta = {n: b for n in self.tensors if (b := self.momentum(n)) is not None}
+        momenta = dict(self.optimizer.momenta)
         for name in self.values_mode:
             momenta.pop(name, None)
             dense = dense_momenta.get(name)
@@ -276,6 +269,8 @@ def train_round(
     report_importance: bool = False,
     global_weights: Mapping[str, torch.Tensor] | None = None,
     kernel_plan: frozenset[str] = frozenset(),
+    start_weights: Mapping[str, torch.Tensor] | None = None,
+    deltas_in_place: bool = False,
 ) -> RoundResult:
     """Train ``model`` in place for one round on ``data`` with its sparse structure ``masks``.
 
@@ -286,15 +281,25 @@ def train_round(
     (default: the weights the round starts from). ``kernel_plan`` names pruned weights to
     compute with sparse kernels (``device.sparse.kernels``); on the steps that need dense weight
     gradients (every step with importance, the growth window) they are asked for the full one.
+    ``start_weights`` is the model's state at the start as the caller already holds it (the
+    received global model, every state_dict entry; only its values on the masks matter for
+    pruned tensors): the round then keeps no copy of its own, a model's worth of memory less
+    at the peak, and the deltas are new tensors (the caller's are never written).
+    ``deltas_in_place`` is for a caller that wants the update, not the trained model (a
+    device's round job): the deltas are computed in the model's own float tensors, which then
+    hold ``final - start`` instead of the trained weights (no delta buffers at the end).
     """
     started = time.perf_counter()
     _check_settings(settings, readjust)
     x, y = _check_data(data)
     params = check_masks(model, masks)
-    start_masks: Masks = {n: m.clone() for n, m in masks.items()}
-    current: Masks = {n: m.clone() for n, m in masks.items()}
+    # Masks are never modified in place: a readjust puts new tensors into ``current``, so the
+    # caller's own serve as the start masks, and the result copies only at the end, after the
+    # optimiser state is freed (a round's peak memory is what a 1 GB Pi must hold).
+    start_masks: Masks = dict(masks)
+    current: Masks = dict(masks)
     apply_masks(model, current)
-    start = _Start.of(model.state_dict(), start_masks)
+    start = _Start.of(model.state_dict(), start_masks, held=start_weights)
 
     plan = plan_steps(x.shape[0], settings, readjust)
     all_params = dict(model.named_parameters())
@@ -365,14 +370,15 @@ def train_round(
     # Free the optimiser state and the gradients before the deltas take their place.
     del optimised, prox_ref, grow_sum
     model.zero_grad(set_to_none=True)
-    deltas = start.deltas(model.state_dict(), current)
+    deltas = start.deltas(model.state_dict(), current, in_place=deltas_in_place)
+    final = {n: m.clone() if m is masks[n] else m for n, m in current.items()}
     metrics = {"train_loss": loss_sum / seen, "train_accuracy": correct / seen}
     if readjust is not None:
         metrics["readjust_grown"] = float(grown_total)
     return RoundResult(
         deltas=deltas,
-        masks=current,
-        mask_changed=not masks_equal(current, start_masks),
+        masks=final,
+        mask_changed=not masks_equal(final, start_masks),
         num_examples=int(x.shape[0]),
         local_steps=step,
         train_s=time.perf_counter() - started,
@@ -432,9 +438,7 @@ def _prepare_gradients(
                     tensor.grad.add_(tensor, alpha=wd)
         for name, param in params.items():
             if param.grad is not None and name not in exact:
-                # A multiply by the bool mask is several times faster than masked_fill_ on large
-                # tensors (no branch per entry); a finite gradient gives exact zeros either way.
-                param.grad.mul_(masks[name])
+                zero_outside(param.grad, masks[name])
 
 
 @dataclass(frozen=True)
@@ -450,9 +454,19 @@ class _Start:
 
     on_mask: dict[str, tuple[torch.Tensor, torch.Tensor]]
     whole: dict[str, torch.Tensor]
+    held: frozenset[str] = frozenset()  # whole entries that are the caller's: never written
 
     @classmethod
-    def of(cls, state: Mapping[str, torch.Tensor], masks: Masks) -> _Start:
+    def of(
+        cls,
+        state: Mapping[str, torch.Tensor],
+        masks: Masks,
+        *,
+        held: Mapping[str, torch.Tensor] | None = None,
+    ) -> _Start:
+        """The start of ``state``; with ``held`` (the caller's copy of it) nothing is copied."""
+        if held is not None:
+            return cls({}, _checked_start(state, held), frozenset(state))
         on_mask: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         whole: dict[str, torch.Tensor] = {}
         for name, tensor in state.items():
@@ -473,17 +487,26 @@ class _Start:
             dense[name] = tensor
         return dense
 
-    def deltas(self, final: Mapping[str, torch.Tensor], masks: Masks) -> dict[str, torch.Tensor]:
+    def deltas(
+        self, final: Mapping[str, torch.Tensor], masks: Masks, *, in_place: bool = False
+    ) -> dict[str, torch.Tensor]:
         """``final - start`` per state_dict entry (float32 for integer entries), zero off
-        ``masks`` (the final masks). Consumes this object: float deltas of whole copies are
-        computed in place of the copy (no further model-sized buffer)."""
+        ``masks`` (the final masks). Consumes this object: float deltas of the whole copies it
+        made are computed in place of the copy (no further model-sized buffer); held entries
+        (the caller's) get new tensors, or, ``in_place``, overwrite ``final``'s float tensors."""
         deltas: dict[str, torch.Tensor] = {}
         for name, value in final.items():
-            if name in self.on_mask:
+            if in_place and value.is_floating_point() and name not in self.on_mask:
+                delta = value.detach().sub_(self.whole[name])
+            elif name in self.on_mask:
                 start_mask, values = self.on_mask[name]
                 delta = value.detach().clone()
                 delta.view(-1).index_add_(0, _flat(start_mask), values, alpha=-1)
-            elif value.is_floating_point() and self.whole[name].dtype == value.dtype:
+            elif (
+                value.is_floating_point()
+                and self.whole[name].dtype == value.dtype
+                and name not in self.held
+            ):
                 start = self.whole[name]
                 delta = torch.sub(value.detach(), start, out=start)
             elif value.is_floating_point():
@@ -491,9 +514,28 @@ class _Start:
             else:
                 delta = value.detach().to(torch.float32) - self.whole[name].to(torch.float32)
             if name in masks:
-                delta.mul_(masks[name])
+                zero_outside(delta, masks[name])
             deltas[name] = delta
         return deltas
+
+
+def _checked_start(
+    state: Mapping[str, torch.Tensor], held: Mapping[str, torch.Tensor]
+) -> dict[str, torch.Tensor]:
+    """``held`` as the start of ``state``: the same names and shapes, else ``ConfigError``."""
+    missing, extra = set(state) - set(held), set(held) - set(state)
+    if missing or extra:
+        raise ConfigError(
+            f"start weights do not match the model: missing {sorted(missing)}, "
+            f"unexpected {sorted(extra)}"
+        )
+    for name, tensor in state.items():
+        if tuple(held[name].shape) != tuple(tensor.shape):
+            raise ConfigError(
+                f"start weight {name!r} has shape {tuple(held[name].shape)}, "
+                f"the model {tuple(tensor.shape)}"
+            )
+    return {name: held[name].detach() for name in state}
 
 
 def _flat(mask: torch.Tensor) -> torch.Tensor:

@@ -103,6 +103,25 @@ def apply_masks(model: nn.Module, masks: Mapping[str, torch.Tensor]) -> None:
             param.masked_fill_(~masks[name], 0.0)
 
 
+_SLICE = 1 << 18  # entries per slice of ``zero_outside``: a 1 MiB float temporary, cache-sized
+
+
+def zero_outside(tensor: torch.Tensor, mask: torch.Tensor) -> None:
+    """``tensor *= mask`` in place (exact zeros off the mask for finite entries).
+
+    Multiplying a float tensor by a bool one makes torch cast the whole mask to a float
+    temporary first (26 MB for ``femnist_cnn``'s fc1, every step); slices of ``_SLICE`` entries
+    bound it to 1 MiB and, staying in cache, are faster than one whole-tensor multiply. A
+    multiply beats ``masked_fill_(~mask, 0)``, which must first build the inverted mask.
+    """
+    if not tensor.is_contiguous() or not mask.is_contiguous():
+        tensor.mul_(mask)
+        return
+    flat, keep = tensor.view(-1), mask.view(-1)
+    for first in range(0, flat.numel(), _SLICE):
+        flat[first : first + _SLICE].mul_(keep[first : first + _SLICE])
+
+
 def count_nonzero(tensors: Mapping[str, torch.Tensor]) -> dict[str, int]:
     """Per-tensor number of non-zero (for masks: kept) entries."""
     return {name: int(torch.count_nonzero(t)) for name, t in tensors.items()}

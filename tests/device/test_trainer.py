@@ -6,17 +6,16 @@ import math
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
 
 import pytest
 import torch
 from torch import nn
-from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 import device.trainer as trainer_module
 from device.data import load_digits
 from device.errors import ConfigError, DataError
 from device.models import create_model, prunable_names
+from device.optim import MomentumSGD, register_step_pre_hook
 from device.sparse.density import erk
 from device.sparse.masks import Masks, apply_masks, count_nonzero, initial_masks, mask_density
 from device.trainer import RoundResult, evaluate, plan_steps, train_round
@@ -56,15 +55,15 @@ SETTINGS = LocalTraining(epochs=2, batch_size=16, lr=0.05, momentum=0.9, weight_
 
 
 @contextmanager
-def before_every_step(check: Callable[[torch.optim.Optimizer], None]) -> Iterator[list[int]]:
+def before_every_step(check: Callable[[MomentumSGD], None]) -> Iterator[list[int]]:
     """Run ``check(optimizer)`` right before every optimiser step; yields the call counter."""
     calls: list[int] = []
 
-    def hook(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+    def hook(optimizer: MomentumSGD) -> None:
         calls.append(1)
         check(optimizer)
 
-    handle = register_optimizer_step_pre_hook(hook)
+    handle = register_step_pre_hook(hook)
     try:
         yield calls
     finally:
@@ -85,12 +84,12 @@ def test_masked_weights_gradients_and_momentum_are_zero_at_every_step() -> None:
     masks = make_masks(model)
     pairs = param_masks(model, masks)
 
-    def check(optimizer: torch.optim.Optimizer) -> None:
+    def check(optimizer: MomentumSGD) -> None:
         for param, mask in pairs:
             assert param.grad is not None
             assert torch.all(param.grad[~mask] == 0), "gradient not masked before the step"
             assert torch.all(param.detach()[~mask] == 0), "weight not masked after the last step"
-            buffer = optimizer.state.get(param, {}).get("momentum_buffer")
+            buffer = optimizer.momentum_buffer(param)
             if buffer is not None:
                 assert torch.all(buffer[~mask] == 0), "momentum not masked after the last step"
 
@@ -117,13 +116,13 @@ def test_masked_entries_stay_zero_across_a_readjustment() -> None:
     )
     step = [0]
 
-    def check(optimizer: torch.optim.Optimizer) -> None:
+    def check(optimizer: MomentumSGD) -> None:
         step[0] += 1
         current = masks if step[0] <= readjust_step else reference.masks
         for name, mask in current.items():
             param = params[name]
             assert torch.all(param.detach()[~mask] == 0)
-            buffer = optimizer.state.get(param, {}).get("momentum_buffer")
+            buffer = optimizer.momentum_buffer(param)
             if buffer is not None:
                 assert torch.all(buffer[~mask] == 0)
 
@@ -235,14 +234,15 @@ def test_grown_weights_and_momentum_are_zero_at_the_readjust_point_then_train() 
     seen: list[bool] = []
     step = [0]
 
-    def check(optimizer: torch.optim.Optimizer) -> None:
+    def check(optimizer: MomentumSGD) -> None:
         step[0] += 1
         if step[0] == readjust_step + 1:  # the first step after the readjust
             for name, mask in masks.items():
                 grown = final_masks[name] & ~mask
                 assert grown.any()
                 assert torch.all(params[name].detach()[grown] == 0)
-                buffer = optimizer.state[params[name]]["momentum_buffer"]
+                buffer = optimizer.momentum_buffer(params[name])
+                assert buffer is not None
                 assert torch.all(buffer[grown] == 0)
             seen.append(True)
 
@@ -502,14 +502,14 @@ def test_kernel_layers_train_only_their_kept_values_and_give_the_dense_round() -
     kept = sorted(int(m.sum()) for m in masks.values())
     weights = {id(p) for n, p in model.named_parameters() if n in PRUNED}
 
-    def check(optimizer: torch.optim.Optimizer) -> None:
-        trained = [t for group in optimizer.param_groups for t in group["params"]]
+    def check(optimizer: MomentumSGD) -> None:
+        trained = list(optimizer.tensors.values())
         assert not weights & {id(t) for t in trained}, "a planned dense weight is optimised"
         values = sorted(t.numel() for t in trained if t.dim() == 1 and t.numel() in kept)
         assert len(values) >= len(PRUNED)
         for tensor in trained:
             assert tensor.grad is not None and tensor.grad.shape == tensor.shape
-            buffer = optimizer.state.get(tensor, {}).get("momentum_buffer")
+            buffer = optimizer.momentum_buffer(tensor)
             assert buffer is None or buffer.shape == tensor.shape
 
     with before_every_step(check) as calls:

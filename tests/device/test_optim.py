@@ -1,0 +1,95 @@
+"""The device's own SGD: torch's arithmetic bit for bit, without torch.optim's import cost."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from device.optim import MomentumSGD, register_step_pre_hook
+
+
+def _tensors(seed: int) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return {
+        "a": torch.randn(7, 5, generator=g).requires_grad_(),
+        "b": torch.randn(11, generator=g).requires_grad_(),
+        "c": torch.randn(3, 3, generator=g).requires_grad_(),
+    }
+
+
+@pytest.mark.parametrize("momentum", [0.0, 0.5, 0.9])
+def test_steps_equal_torch_sgd_bit_for_bit(momentum: float) -> None:
+    """Swapping torch.optim.SGD for MomentumSGD must not change a single trained weight."""
+    ours, theirs = _tensors(0), _tensors(0)
+    sgd = MomentumSGD(ours, lr=0.03, momentum=momentum)
+    reference = torch.optim.SGD(list(theirs.values()), lr=0.03, momentum=momentum)
+    g = torch.Generator().manual_seed(1)
+    for step in range(6):
+        for name in ours:
+            if name == "c" and step % 2:  # a tensor without a gradient is skipped by both
+                ours[name].grad = theirs[name].grad = None
+                continue
+            grad = torch.randn(ours[name].shape, generator=g)
+            ours[name].grad, theirs[name].grad = grad.clone(), grad.clone()
+        sgd.step()
+        reference.step()
+        for name in ours:
+            assert torch.equal(ours[name], theirs[name]), (step, name)
+    for name, tensor in theirs.items():
+        expected = reference.state.get(tensor, {}).get("momentum_buffer")
+        got = sgd.momentum_buffer(ours[name])
+        assert (got is None) == (expected is None)
+        if expected is not None:
+            assert got is not None and torch.equal(got, expected)
+
+
+def test_seeded_momentum_continues_where_it_was() -> None:
+    """Rebuilding the optimiser mid-round (new value tensors after a readjust) with the old
+    buffers must continue the momentum, not restart it."""
+    one, two = _tensors(2), _tensors(2)
+    first = MomentumSGD(one, lr=0.1, momentum=0.9)
+    whole = MomentumSGD(two, lr=0.1, momentum=0.9)
+    for _ in range(2):
+        for name in one:
+            one[name].grad = torch.ones_like(one[name])
+            two[name].grad = torch.ones_like(two[name])
+        first.step()
+        whole.step()
+    second = MomentumSGD(one, lr=0.1, momentum=0.9, momenta=first.momenta)
+    for name in one:
+        one[name].grad = torch.ones_like(one[name])
+        two[name].grad = torch.ones_like(two[name])
+    second.step()
+    whole.step()
+    for name in one:
+        assert torch.equal(one[name], two[name])
+
+
+def test_bad_settings_and_mismatched_momentum_are_rejected() -> None:
+    tensors = _tensors(3)
+    with pytest.raises(ValueError, match="lr must be > 0"):
+        MomentumSGD(tensors, lr=0.0, momentum=0.9)
+    with pytest.raises(ValueError, match=r"momentum must be in \[0, 1\)"):
+        MomentumSGD(tensors, lr=0.1, momentum=1.0)
+    with pytest.raises(ValueError, match="momentum of 'a' has shape"):
+        MomentumSGD(tensors, lr=0.1, momentum=0.9, momenta={"a": torch.zeros(3)})
+
+
+def test_zero_grad_clears_every_gradient() -> None:
+    tensors = _tensors(4)
+    for tensor in tensors.values():
+        tensor.grad = torch.ones_like(tensor)
+    MomentumSGD(tensors, lr=0.1, momentum=0.9).zero_grad()
+    assert all(t.grad is None for t in tensors.values())
+
+
+def test_pre_hooks_see_every_step_until_removed() -> None:
+    tensors = _tensors(5)
+    sgd = MomentumSGD(tensors, lr=0.1, momentum=0.0)
+    seen: list[MomentumSGD] = []
+    handle = register_step_pre_hook(seen.append)
+    sgd.step()
+    sgd.step()
+    handle.remove()
+    sgd.step()
+    assert seen == [sgd, sgd]
