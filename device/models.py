@@ -215,11 +215,43 @@ def create_model(name: str, *, seed: int | None = None, **kwargs: Any) -> nn.Mod
         return factory(**kwargs)
     generator = torch.Generator(device="cpu")
     generator.manual_seed(seed)
-    with torch.device("meta"):
-        model = factory(**kwargs)
-    model = model.to_empty(device="cpu")
+    model = empty_model(name, **kwargs)
     _initialise(model, generator)
     return model
+
+
+def empty_model(name: str, **kwargs: Any) -> nn.Module:
+    """A new model ``name`` whose parameters and buffers are allocated but not initialised
+    (``torch.empty``), for a caller that loads a state right away (``load_state_dict``).
+
+    No random numbers are drawn and no page of the weights is written, so loading a received
+    model touches its memory once. Raises ``ValueError`` as :func:`create_model` does.
+    """
+    if name not in MODELS:
+        raise _unknown(name)
+    with torch.device("meta"):
+        model = MODELS[name](**kwargs)
+    _materialise(model)
+    return model
+
+
+def _materialise(model: nn.Module) -> None:
+    """Replace every meta parameter and buffer of ``model`` by an uninitialised CPU tensor.
+
+    What ``model.to_empty(device="cpu")`` does, without its cost: ``empty_like`` of a meta
+    tensor runs torch's Python reference implementation, whose first call imports sympy (about
+    500 modules, 34 MB resident) that a device never needs. Shared parameters stay shared.
+    """
+    made: dict[int, nn.Parameter] = {}
+    for module in model.modules():
+        for name, param in list(module.named_parameters(recurse=False)):
+            if id(param) not in made:
+                made[id(param)] = nn.Parameter(
+                    torch.empty(param.shape, dtype=param.dtype), requires_grad=param.requires_grad
+                )
+            setattr(module, name, made[id(param)])
+        for name, buffer in list(module.named_buffers(recurse=False)):
+            setattr(module, name, torch.empty(buffer.shape, dtype=buffer.dtype))
 
 
 def _initialise(model: nn.Module, generator: torch.Generator) -> None:
