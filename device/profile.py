@@ -9,16 +9,20 @@ choose_plan`); the server uses it for PruneFL's round-time model ``T = c_0 + sum
 What is measured, all on one minibatch of ``batch_size`` random inputs, with as many torch threads
 as the caller configured (``torch.set_num_threads``), times from ``time.perf_counter``:
 
-* per prunable layer (``device.models.prunable_names``) and per density: the forward + backward
-  seconds of the layer alone (input gradient included except for the model's first layer, whose
-  input is data), for masked dense compute (``dense_s``: the layer's own forward on a weight that
-  is zero outside a random mask of that density) and for the sparse kernel (``sparse_s``; 0 where
-  the layer has no kernel). Dense and sparse runs alternate, so that load from other processes
-  hits both alike; each figure is the median of ``repeats`` runs after ``warmup`` unmeasured ones.
-* ``step_overhead_s`` (c_0): the median seconds of a whole dense SGD step (forward, loss,
-  backward, momentum update) minus the sum of the layers' dense times, clamped at 0
-  (activations, pooling, loss and the optimiser). Dense work is the same at every density, so a
-  layer's dense time here is the median over its points.
+* per prunable layer (``device.models.prunable_names``) and per density: the seconds of one
+  training step of the layer alone, as the trainer runs it: forward, backward (input gradient
+  included except for the model's first layer, whose input is data) and the update of the
+  layer's trained tensors (gradient masking, weight decay, momentum SGD), for masked dense
+  compute (``dense_s``: the layer's own forward on a weight that is zero outside a random mask
+  of that density, all of it updated) and for the sparse kernel in values mode (``sparse_s``:
+  only the kept values updated; 0 where the layer has no kernel). Dense and sparse runs
+  alternate, so that load from other processes hits both alike; each figure is the median of
+  ``repeats`` runs after ``warmup`` unmeasured ones.
+* ``step_overhead_s`` (c_0): the median seconds of a whole masked dense step as the trainer
+  runs it (forward, loss, backward, gradient masking of the prunable weights, weight decay,
+  momentum update) minus the sum of the layers' dense times, clamped at 0 (activations,
+  pooling, loss, and the update of the layers that are never pruned). Dense work is the same
+  at every density, so a layer's dense time here is the median over its points.
 
 Runtime: with the defaults (5 densities, ``repeats=5``, ``warmup=1``) ``femnist_cnn`` takes about
 3 s on the development machine (2 threads of an AMD EPYC); a Raspberry Pi 4 is roughly 10-20 times
@@ -35,7 +39,7 @@ import copy
 import math
 import statistics
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -44,13 +48,18 @@ from torch import nn
 
 from device.errors import ConfigError
 from device.models import create_model, model_spec, prunable_names
+from device.optim import MomentumSGD
 from device.sparse.kernels import attach, supports_sparse
+from device.sparse.masks import zero_outside
 from device.wire.messages import DeviceProfile, LayerProfile, ProfilePoint
 
 __all__ = ["DEFAULT_DENSITIES", "measure_profile"]
 
 #: The densities (kept fractions) a profile measures by default (issue 3).
 DEFAULT_DENSITIES: tuple[float, ...] = (1.0, 0.5, 0.2, 0.1, 0.05)
+# The update measured with each step: FedDST's local defaults (``LocalTraining``); the time of
+# an in-place update does not depend on the values.
+_MOMENTUM, _WEIGHT_DECAY = 0.9, 1e-3
 
 
 @dataclass(frozen=True)
@@ -105,27 +114,42 @@ def _random_mask(shape: torch.Size, density: float, generator: torch.Generator) 
     return flat.view(shape)
 
 
-def _fwd_bwd(
+def _layer_step(
     module: nn.Module,
     x: torch.Tensor,
     grad_out: torch.Tensor,
-    extra: Sequence[torch.Tensor] = (),
+    trained: Mapping[str, torch.Tensor],
+    mask: torch.Tensor | None = None,
 ) -> Callable[[], float]:
-    """A function that runs ``module`` forward and backward once and returns its seconds.
+    """A function that runs one training step of ``module`` alone and returns its seconds.
 
-    ``extra``: further leaf tensors whose gradients are cleared before each run (the kernel's
-    trained values), so that no run pays for accumulating into an earlier gradient.
+    The step is what ``device.trainer.train_round`` does for this layer: forward, backward, then
+    the update of every tensor in ``trained`` (the weight and bias for masked dense compute, the
+    kernel's ``[nnz]`` values and the bias in values mode): the weight's gradient masked when
+    ``mask`` is given, weight decay added in place, SGD with momentum. The update is part of
+    the layer's time because it is where values mode saves most: masked dense compute updates
+    every entry of the weight, values mode only the kept ones. The step size is tiny, so
+    repeated runs leave the weights as good as unchanged.
     """
+    optimizer = MomentumSGD(trained, lr=1e-9, momentum=_MOMENTUM)
+    weight = module.get_parameter("weight")
 
     def run() -> float:
-        for param in module.parameters():
-            param.grad = None
-        for tensor in extra:
-            tensor.grad = None
+        module.zero_grad(set_to_none=True)
+        optimizer.zero_grad()
         x.grad = None
         start = time.perf_counter()
         out = module(x)
-        torch.autograd.backward(out, grad_out)
+        # d<out, grad_out>/d out = grad_out: the backward of ``backward(out, grad_out)``, from a
+        # scalar (a tensor ``grad_tensors`` makes torch import sympy, 34 MB, on the device).
+        torch.autograd.backward(torch.dot(out.reshape(-1), grad_out.reshape(-1)))
+        with torch.no_grad():
+            if mask is not None and weight.grad is not None:
+                zero_outside(weight.grad, mask)
+            for tensor in trained.values():
+                if tensor.grad is not None:
+                    tensor.grad.add_(tensor, alpha=_WEIGHT_DECAY)
+        optimizer.step()
         return time.perf_counter() - start
 
     return run
@@ -159,7 +183,6 @@ def _profile_layer(
     x = torch.randn(layer.input_shape, generator=batch_generator)
     x.requires_grad_(layer.needs_input_grad)
     grad_out = torch.randn(layer.output_shape, generator=batch_generator)
-    dense_run = _fwd_bwd(module, x, grad_out)
     sparse_module = copy.deepcopy(module) if supports_sparse(module) else None
     points: list[ProfilePoint] = []
     sparse_bound = 0.0  # > 0 once sparse lost by skip_factor: denser points reuse this bound
@@ -167,6 +190,7 @@ def _profile_layer(
         mask = _random_mask(weight.shape, density, batch_generator)
         with torch.no_grad():
             weight.copy_(original * mask)
+        dense_run = _layer_step(module, x, grad_out, dict(module.named_parameters()), mask)
         if sparse_module is None or sparse_bound > 0:
             (dense_s,) = _median_interleaved([dense_run], repeats, warmup)
             points.append(ProfilePoint(density, dense_s, sparse_bound))
@@ -176,7 +200,9 @@ def _profile_layer(
         # Values mode, as the trainer uses the kernels: the gradient has nnz entries.
         handle = attach(sparse_module, {"weight": mask}, frozenset({"weight"}), train_values=True)
         try:
-            sparse_run = _fwd_bwd(sparse_module, x, grad_out, [handle.values("weight")])
+            trained: dict[str, torch.Tensor] = dict(sparse_module.named_parameters())
+            trained["weight"] = handle.values("weight")
+            sparse_run = _layer_step(sparse_module, x, grad_out, trained)
             dense_s, sparse_s = _median_interleaved([dense_run, sparse_run], repeats, warmup)
         finally:
             handle.detach()
@@ -190,12 +216,16 @@ def _profile_layer(
 def _step_seconds(
     model: nn.Module, example: torch.Tensor, *, repeats: int, warmup: int, seed: int
 ) -> float:
-    """Median seconds of one dense SGD step (momentum 0.9) of ``model`` on ``example``."""
-    optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
+    """Median seconds of one masked dense step of ``model`` on ``example``, as the trainer
+    runs it: forward, loss, backward, the prunable weights' gradients masked (by all-kept
+    masks: a multiply costs the same whatever it keeps), weight decay and momentum."""
+    params = dict(model.named_parameters())
+    optimizer = MomentumSGD(params, lr=1e-9, momentum=_MOMENTUM)
+    masks = {n: torch.ones_like(params[n], dtype=torch.bool) for n in prunable_names(model)}
     generator = torch.Generator().manual_seed(seed)
 
     def run() -> float:
-        optimizer.zero_grad(set_to_none=True)
+        optimizer.zero_grad()
         start = time.perf_counter()
         out = model(example)
         if out.dim() == 2:
@@ -204,6 +234,14 @@ def _step_seconds(
         else:
             loss = out.square().mean()
         torch.autograd.backward(loss)
+        with torch.no_grad():
+            for name, mask in masks.items():
+                grad = params[name].grad
+                if grad is not None:
+                    zero_outside(grad, mask)
+            for tensor in optimizer.tensors.values():
+                if tensor.grad is not None:
+                    tensor.grad.add_(tensor, alpha=_WEIGHT_DECAY)
         optimizer.step()
         return time.perf_counter() - start
 
@@ -243,7 +281,7 @@ def measure_profile(
     skip_factor: float = 2.0,
     seed: int = 0,
 ) -> DeviceProfile:
-    """Measure this device's per-layer forward+backward times (see the module docstring).
+    """Measure this device's per-layer training-step times (see the module docstring).
 
     Args:
         model: a registered model name (built with ``create_model(name, seed=seed)``) or a

@@ -159,18 +159,22 @@ def csr_structure(mask2d: torch.Tensor) -> CsrStructure:
         raise ConfigError(f"mask of shape {(rows, cols)} is too large for int32 CSR indices")
     mask2d = mask2d.detach().to("cpu")
     flat_index = mask2d.reshape(-1).nonzero().squeeze(1)
-    r = torch.div(flat_index, cols, rounding_mode="floor")
-    c = flat_index - r * cols
+    # Row and column of each kept entry in int32 (rows * cols < 2**31): the temporaries of a
+    # structure are a few times nnz, and it is built while the model is in memory.
+    flat32 = flat_index.to(torch.int32)
+    r = torch.div(flat32, cols, rounding_mode="floor")
+    c = flat32 - r * cols
+    del flat32
     # Transpose: sort the kept entries by (col, row); a stable sort by col keeps rows ascending.
-    t_order = torch.sort(c, stable=True).indices
+    t_order = torch.sort(c, stable=True).indices.to(torch.int32)
     return CsrStructure(
         shape=(rows, cols),
         flat_index=flat_index,
         crow=_crow_from_rows(r, rows),
-        col=c.to(torch.int32),
+        col=c,
         t_crow=_crow_from_rows(c, cols),
-        t_col=r.index_select(0, t_order).to(torch.int32),
-        t_order=t_order.to(torch.int32),
+        t_col=r.index_select(0, t_order),
+        t_order=t_order,
     )
 
 
@@ -716,7 +720,8 @@ def choose_plan(
 def layer_cost(
     profile: DeviceProfile, name: str, density: float, *, margin: float = DEFAULT_MARGIN
 ) -> float:
-    """Seconds per minibatch (forward + backward) of layer ``name`` at ``density`` on this device.
+    """Seconds per minibatch (one training step: forward, backward, update) of layer ``name`` at
+    ``density`` on this device.
 
     The time of the kernel :func:`choose_plan` would pick with the same ``margin``: the sparse
     time where it wins, the masked dense time otherwise. PruneFL's round-time model

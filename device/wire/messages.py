@@ -169,7 +169,8 @@ class InitialPruneResult:
 
 @dataclass(frozen=True)
 class ProfilePoint:
-    """Forward+backward seconds of one minibatch at ``density`` (kept fraction, in (0, 1])."""
+    """Seconds of one training step (forward, backward, update) of a layer on one minibatch at
+    ``density`` (kept fraction, in (0, 1]): masked dense, and with the sparse kernel."""
 
     density: float
     dense_s: float
