@@ -25,7 +25,13 @@ import torch
 from device import __version__
 from device.data import Dataset
 from device.errors import DecodeError, SparseFleetError
-from device.job import job_seed, run_evaluate_job, run_initial_prune_job, run_round_job
+from device.job import (
+    job_seed,
+    kernel_plan_for,
+    run_evaluate_job,
+    run_initial_prune_job,
+    run_round_job,
+)
 from device.wire import envelope
 from device.wire.codec import KnownMask
 from device.wire.messages import (
@@ -313,7 +319,12 @@ class DeviceAgent:
             result = run_initial_prune_job(snapshot, command, data, seed=seed)
             self._upload(job, result, book=None, dtype=None)
             return
-        update = run_round_job(snapshot, command, data, seed=seed, download_s=download_s)
+        plan = kernel_plan_for(self.options.profile, snapshot)
+        if plan:
+            log.debug("round %d: sparse kernels for %s", job.round, ", ".join(sorted(plan)))
+        update = run_round_job(
+            snapshot, command, data, seed=seed, kernel_plan=plan, download_s=download_s
+        )
         book = {
             name: KnownMask(version=snapshot.mask_version, mask=mask)
             for name, mask in snapshot.masks.items()

@@ -100,7 +100,7 @@ def cmd_run(config_path: Path) -> int:
     )
     data = local_data(config)
     transport = make_transport(config)
-    profile = measure_profile("mnist_cnn") if config.profile_on_start else None
+    profile = measure_profile(config.profile_model) if config.profile_on_start else None
     agent = DeviceAgent(
         transport,
         lambda partition: data,

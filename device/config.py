@@ -24,6 +24,16 @@ from device.errors import ConfigError
 T = TypeVar("T")
 
 
+class SettingError(ValueError):
+    """Raised by a schema's ``__post_init__`` to reject one of its own settings; the loader
+    reports it at that setting's line, like a type error."""
+
+    def __init__(self, setting: str, reason: str) -> None:
+        super().__init__(f"{setting}: {reason}")
+        self.setting = setting
+        self.reason = reason
+
+
 @dataclasses.dataclass(frozen=True)
 class _Located:
     value: Any
@@ -127,6 +137,12 @@ def _build(tp: Any, node: _Located, path: Path, field: str) -> Any:
                 raise _fail(path, node, _join(field, name), "required setting is missing")
         try:
             return tp(**kwargs)
+        except SettingError as exc:
+            if exc.setting in value:  # blame the line of the setting, not the whole mapping
+                raise _fail(
+                    path, value[exc.setting], _join(field, exc.setting), exc.reason
+                ) from None
+            raise _fail(path, node, field, f"{exc.setting}: {exc.reason}") from None
         except (TypeError, ValueError) as exc:
             raise _fail(path, node, field, str(exc)) from None
     if origin in (types.UnionType, typing.Union):

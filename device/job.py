@@ -8,19 +8,23 @@ out is picklable plain data (numpy arrays and dataclasses).
 from __future__ import annotations
 
 import time
+import warnings
 from collections.abc import Mapping
+from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 import torch
 
 from device.data import Dataset
-from device.models import create_model
+from device.models import empty_model
 from device.prune_init import initial_prune
 from device.seeding import derive_seed
 from device.trainer import RoundResult, evaluate, train_round
 from device.wire.codec import SparseTensor, model_digest
 from device.wire.messages import (
     BoolArray,
+    DeviceProfile,
     DeviceUpdate,
     EvaluateCommand,
     FloatArray,
@@ -37,8 +41,12 @@ def job_seed(run_id: str, round_: int, device_id: str) -> int:
 
 
 def load_model(snapshot: ModelSnapshot) -> tuple[torch.nn.Module, dict[str, torch.Tensor]]:
-    """Build the snapshot's model with its weights and its masks (bool tensors, by name)."""
-    model = create_model(snapshot.model_name)
+    """Build the snapshot's model with its weights and its masks (bool tensors, by name).
+
+    The weights are copied into the model once (the snapshot stays the caller's, unchanged);
+    the masks are shared with the snapshot, read-only like every mask here.
+    """
+    model = empty_model(snapshot.model_name)
     state = model.state_dict()
     missing = set(state) - set(snapshot.weights)
     extra = set(snapshot.weights) - set(state)
@@ -47,11 +55,19 @@ def load_model(snapshot: ModelSnapshot) -> tuple[torch.nn.Module, dict[str, torc
             f"model {snapshot.model_name!r} does not match the snapshot: "
             f"missing {sorted(missing)}, unexpected {sorted(extra)}"
         )
-    model.load_state_dict(
-        {name: torch.from_numpy(np.array(arr, copy=True)) for name, arr in snapshot.weights.items()}
-    )
-    masks = {name: torch.from_numpy(np.array(m, dtype=bool)) for name, m in snapshot.masks.items()}
-    return model, masks
+    model.load_state_dict(snapshot_tensors(snapshot.weights))
+    return model, snapshot_tensors(snapshot.masks)
+
+
+def snapshot_tensors(arrays: Mapping[str, npt.NDArray[Any]]) -> dict[str, torch.Tensor]:
+    """Tensors that share memory with a snapshot's arrays (no copy), to be read, never written.
+
+    Decoded snapshots hold read-only arrays (views of the received payload); torch warns that
+    it cannot protect them, which is moot here, so that one warning is silenced.
+    """
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        return {name: torch.from_numpy(np.asarray(array)) for name, array in arrays.items()}
 
 
 def to_update(
@@ -65,8 +81,10 @@ def to_update(
             mask: BoolArray = result.masks[name].cpu().numpy().astype(bool, copy=False)
         else:
             mask = np.ones(weight.shape, dtype=bool)
+        # All kept (dense tensors, density 1): the values are the delta itself, not a copy.
+        values = delta.reshape(-1) if mask.all() else delta[mask]
         deltas[name] = SparseTensor(
-            shape=tuple(weight.shape), mask=mask, values=np.ascontiguousarray(delta[mask])
+            shape=tuple(weight.shape), mask=mask, values=np.ascontiguousarray(values)
         )
     importance: dict[str, FloatArray] = {
         name: g.detach().cpu().numpy().astype(np.float32, copy=False)
@@ -85,6 +103,22 @@ def to_update(
     )
 
 
+def kernel_plan_for(profile: DeviceProfile | None, snapshot: ModelSnapshot) -> frozenset[str]:
+    """The pruned weights to compute with sparse kernels this round (empty: masked dense).
+
+    ``choose_plan`` at the densities of the snapshot's masks, when this device's profile was
+    measured on the snapshot's model; without a profile, or with one of another model, every
+    layer stays masked dense (a profile of other shapes says nothing about these). A FedDST
+    readjustment keeps each layer's density, so the plan holds for the whole round.
+    """
+    if profile is None or profile.model_name != snapshot.model_name or not snapshot.masks:
+        return frozenset()
+    from device.sparse.kernels import choose_plan  # lazy: a device without a profile never needs it
+
+    densities = {n: float(np.count_nonzero(m)) / max(1, m.size) for n, m in snapshot.masks.items()}
+    return choose_plan(profile, densities)
+
+
 def run_round_job(
     snapshot: ModelSnapshot,
     command: RoundCommand,
@@ -96,11 +130,8 @@ def run_round_job(
 ) -> DeviceUpdate:
     """Train the snapshot's sparse subnetwork on ``data`` as ``command`` says; return the update."""
     model, masks = load_model(snapshot)
-    global_weights = (
-        {n: torch.from_numpy(np.array(a, copy=True)) for n, a in snapshot.weights.items()}
-        if command.training.prox_mu > 0
-        else None
-    )
+    # The snapshot is the round's start (and FedProx's reference): the trainer copies nothing.
+    held = snapshot_tensors(snapshot.weights)
     start = time.perf_counter()
     result = train_round(
         model,
@@ -110,8 +141,10 @@ def run_round_job(
         seed=seed,
         readjust=command.readjust,
         report_importance=command.report_importance,
-        global_weights=global_weights,
+        global_weights=held if command.training.prox_mu > 0 else None,
         kernel_plan=kernel_plan,
+        start_weights=held,
+        deltas_in_place=True,  # the model is this job's scratch: only the update leaves it
     )
     return to_update(snapshot, result, train_s=time.perf_counter() - start, download_s=download_s)
 

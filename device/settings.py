@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from device.config import load
+from device.config import SettingError, load
 from device.errors import ConfigError
 
 
@@ -65,8 +65,20 @@ class DeviceConfig:
     topics_prefix: str = "fl/v1"
     torch_threads: int = 0  # 0 = torch's default (all cores)
     profile_on_start: bool = False  # measure the device profile before announcing
+    # The model the profile measures: the one this fleet's runs train. With a profile of the
+    # run's model, the agent computes each layer with a sparse kernel where that is faster.
+    profile_model: str = "mnist_cnn"
     model_wait_s: float = 60.0
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+
+    def __post_init__(self) -> None:
+        from device.models import model_names  # lazy: torch is only needed once validated
+
+        if self.profile_model not in model_names():
+            raise SettingError(
+                "profile_model",
+                f"unknown model {self.profile_model!r}; known: {', '.join(model_names())}",
+            )
 
 
 def load_device_config(path: str | Path) -> DeviceConfig:

@@ -29,6 +29,18 @@ def test_bad_config_exits_with_the_config_code_and_names_the_line(
     assert "device.yaml:4: broker.keepalive_s: expected an integer" in err
 
 
+def test_an_unknown_profile_model_is_a_located_config_error(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A typo in the profiled model would profile nothing useful; say so before starting."""
+    path = tmp_path / "device.yaml"
+    path.write_text("device_id: d1\ndata:\n  dataset: digits\nprofile_model: mnist_cnm\n")
+    assert main(["check", "--config", str(path), "--no-broker"]) == ConfigError.exit_code
+    err = capsys.readouterr().err
+    assert "device.yaml:4: profile_model: unknown model 'mnist_cnm'; known: " in err
+    assert "mnist_cnn" in err
+
+
 def test_world_readable_password_file_is_refused(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

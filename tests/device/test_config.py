@@ -8,7 +8,7 @@ from typing import Literal
 
 import pytest
 
-from device.config import from_mapping, load
+from device.config import SettingError, from_mapping, load
 from device.errors import ConfigError
 
 
@@ -85,3 +85,25 @@ def test_missing_file(tmp_path: Path) -> None:
 def test_bool_is_not_an_integer() -> None:
     with pytest.raises(ConfigError, match=r"training\.epochs: expected an integer, got True"):
         from_mapping({"name": "a", "training": {"epochs": True}}, Run)
+
+
+@dataclass(frozen=True)
+class Schedule:
+    rounds: int = 10
+    end: int = 5
+
+    def __post_init__(self) -> None:
+        if self.end > self.rounds:
+            raise SettingError("end", f"must be at most rounds ({self.rounds}), got {self.end}")
+
+
+@dataclass(frozen=True)
+class Plan:
+    schedule: Schedule = field(default_factory=Schedule)
+
+
+def test_a_schema_check_points_at_the_setting_it_rejects(tmp_path: Path) -> None:
+    """A cross-field check is reported at the rejected setting's own line, like a type error."""
+    path = write(tmp_path, "schedule:\n  rounds: 4\n  end: 9\n")
+    with pytest.raises(ConfigError, match=r"run.yaml:3: schedule.end: must be at most rounds"):
+        load(path, Plan)
