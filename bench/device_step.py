@@ -39,6 +39,7 @@ import math
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -46,14 +47,17 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from device.job import kernel_plan_for, load_model, run_round_job
 from device.models import create_model, model_spec, prunable_names
+from device.optim import MomentumSGD, register_step_pre_hook
 from device.profile import measure_profile
-from device.sparse.kernels import choose_plan
 from device.sparse.masks import initial_masks
+from device.wire import envelope
+from device.wire.codec import KnownMask, model_digest
+from device.wire.messages import Envelope, LocalTraining, ModelSnapshot, RoundCommand, ValueDType
 
 MODEL = "femnist_cnn"
 BATCH = 20
@@ -79,17 +83,16 @@ def _step_times(
     (deltas) fall outside every interval.
     """
     from device.trainer import train_round
-    from device.wire.messages import LocalTraining
 
     stamps: list[float] = []
 
-    def hook(optimizer: torch.optim.Optimizer, args: object, kwargs: object) -> None:
+    def hook(optimizer: MomentumSGD) -> None:
         stamps.append(time.perf_counter())
 
     settings = LocalTraining(
         epochs=1, batch_size=BATCH, lr=LR, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY
     )
-    handle = register_optimizer_step_pre_hook(hook)
+    handle = register_step_pre_hook(hook)
     try:
         train_round(model, masks, data, settings, seed=1, kernel_plan=plan)
     finally:
@@ -188,48 +191,74 @@ def _reset_peak_rss() -> bool:
     return True
 
 
-def round_child(density: float, plan: frozenset[str], threads: int) -> None:
-    """Run one local round in this (fresh) process and print its peak RSS as JSON.
-
-    The peak is VmHWM, the high-water mark of this process's own address space: ru_maxrss
-    would also count the parent's RSS at fork. It is reset after the setup (model, masks by
-    top-k, data), which a device does once per run, not once per round; torch itself, the model,
-    the masks and the data stay counted.
-    """
-    from device.trainer import train_round
-    from device.wire.messages import LocalTraining
-
-    torch.set_num_threads(threads)
+def snapshot_payload(density: float) -> bytes:
+    """The global model a device receives for a round at ``density``, as the fleet manager
+    publishes it: ``femnist_cnn`` (seed 0), uniform masks by magnitude, zero off the masks."""
     model = create_model(MODEL, seed=0)
     masks = uniform_masks(model, density)
+    weights = {n: t.detach().numpy().copy() for n, t in model.state_dict().items()}
+    mask_arrays = {n: m.numpy().copy() for n, m in masks.items()}
+    for name, mask in mask_arrays.items():
+        weights[name][~mask] = 0.0
+    snapshot = ModelSnapshot(MODEL, 1, model_digest(weights, mask_arrays), 1, weights, mask_arrays)
+    return envelope.encode(Envelope(body=snapshot, run_id="bench"))
+
+
+def round_child(snapshot_file: Path, plan: frozenset[str], threads: int) -> None:
+    """Run one device round in this (fresh) process and print its peak RSS as JSON.
+
+    The process holds what a device agent holds when a round command arrives: torch and the
+    device code imported, the decoded global model (``ModelSnapshot``) and the local data. The
+    round is what the agent's worker does with them: ``run_round_job`` (model built from the
+    snapshot, ``train_round``, the update's sparse deltas) and the encoding of the update for
+    upload. The peak is VmHWM, the high-water mark of this process's own address space
+    (ru_maxrss would count the parent's RSS at fork), reset after the set-up.
+    """
+    torch.set_num_threads(threads)
+    payload = snapshot_file.read_bytes()
+    snapshot = envelope.decode(payload).body
+    assert isinstance(snapshot, ModelSnapshot)
+    del payload
     data = random_examples(ROUND_EXAMPLES, seed=2)
-    import_mb = _status_mb("VmHWM")  # torch + the model: topk's transient peak included
-    gc.collect()
-    reset = _reset_peak_rss()
-    before_mb = _status_mb("VmRSS")
     settings = LocalTraining(
         epochs=ROUND_EPOCHS, batch_size=BATCH, lr=LR, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY
     )
+    setup_mb = _status_mb("VmHWM")
+    gc.collect()
+    reset = _reset_peak_rss()
+    before_mb = _status_mb("VmRSS")
     start = time.perf_counter()
     if PLAIN_TORCH in plan:
+        model, _ = load_model(snapshot)
         _plain_torch_round(model, data)
+        upload = 0
     else:
-        train_round(model, masks, data, settings, seed=3, kernel_plan=plan)
+        command = RoundCommand(model_version=1, model_digest=snapshot.digest, training=settings)
+        update = run_round_job(snapshot, command, data, seed=3, kernel_plan=plan)  # type: ignore[arg-type]
+        book = {n: KnownMask(version=1, mask=m) for n, m in snapshot.masks.items()}
+        upload = len(
+            envelope.encode(
+                Envelope(body=update, run_id="bench", round=1, device_id="bench"),
+                book=book,
+                dtype=ValueDType.FP32,
+            )
+        )
     seconds = time.perf_counter() - start
-    peak_mb = _status_mb("VmHWM")
     result = {
-        "peak_rss_mb": peak_mb,
+        "peak_rss_mb": _status_mb("VmHWM"),
         "before_round_mb": before_mb,
-        "setup_peak_mb": import_mb,
+        "setup_peak_mb": setup_mb,
         "peak_reset": float(reset),
         "round_s": seconds,
+        "upload_bytes": float(upload),
     }
     print(json.dumps(result))
 
 
 def _plain_torch_round(model: nn.Module, data: Examples) -> None:
-    """The floor a trainer is compared with: the same epochs and batches with torch's own SGD
-    (momentum, weight decay) on the dense model, and nothing else (no masks, no deltas)."""
+    """A reference point: the same epochs and batches with torch's own SGD (momentum, weight
+    decay) on the dense model, and nothing else (no masks, no deltas, no update). Constructing
+    a ``torch.optim`` optimiser imports ``torch._dynamo``, which the trainer avoids."""
     optimizer = torch.optim.SGD(
         model.parameters(), lr=LR, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY
     )
@@ -244,17 +273,21 @@ def _plain_torch_round(model: nn.Module, data: Examples) -> None:
 
 
 def run_round(density: float, plan: frozenset[str], threads: int) -> dict[str, float]:
-    command = [
-        sys.executable,
-        str(Path(__file__).resolve()),
-        "--round-child",
-        str(density),
-        "--plan",
-        ",".join(sorted(plan)),
-        "--threads",
-        str(threads),
-    ]
-    out = subprocess.run(command, check=True, capture_output=True, text=True).stdout
+    """One device round at ``density`` in a fresh process (``round_child``)."""
+    with tempfile.TemporaryDirectory() as scratch:
+        snapshot_file = Path(scratch) / "snapshot.pb"
+        snapshot_file.write_bytes(snapshot_payload(density))
+        command = [
+            sys.executable,
+            str(Path(__file__).resolve()),
+            "--round-child",
+            str(snapshot_file),
+            "--plan",
+            ",".join(sorted(plan)),
+            "--threads",
+            str(threads),
+        ]
+        out = subprocess.run(command, check=True, capture_output=True, text=True).stdout
     result: dict[str, float] = json.loads(out.strip().splitlines()[-1])
     return result
 
@@ -267,7 +300,7 @@ def main() -> None:
         "--profile-repeats", type=int, default=5, help="measure_profile repeats (default 5)"
     )
     parser.add_argument("--json", type=Path, help="write the figures to this file")
-    parser.add_argument("--round-child", type=float, help=argparse.SUPPRESS)
+    parser.add_argument("--round-child", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--plan", default="", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.round_child is not None:
@@ -289,8 +322,9 @@ def main() -> None:
     rows: list[Row] = []
     rounds: list[dict[str, float]] = []
     for density in DENSITIES:
-        names = [layer.name for layer in profile.layers]
-        plan = choose_plan(profile, dict.fromkeys(names, density))
+        payload = envelope.decode(snapshot_payload(density)).body
+        assert isinstance(payload, ModelSnapshot)
+        plan = kernel_plan_for(profile, payload)  # what the agent picks for this model
         rows.append(measure_density(density, plan, args.reps))
         rounds.append(run_round(density, plan, args.threads))
     plain = run_round(1.0, frozenset({PLAIN_TORCH}), args.threads)
@@ -318,12 +352,13 @@ def main() -> None:
     )
     print(
         f"round RSS: {min(r['before_round_mb'] for r in rounds):.0f} MB before the round (torch, "
-        f"model, masks, data), peak {peak:.0f} MB; a plain torch SGD loop over the same batches "
-        f"(dense, no masks, no deltas) peaks at {plain['peak_rss_mb']:.0f} MB; "
+        f"the received model, data), peak {peak:.0f} MB; torch's own SGD over the same batches "
+        f"(dense, no masks, no update; imports torch._dynamo) peaks at "
+        f"{plain['peak_rss_mb']:.0f} MB; "
         + (
             "peak reset after setup"
             if all(r["peak_reset"] for r in rounds)
-            else "peak NOT reset after setup (clear_refs refused): includes the top-k mask setup"
+            else "peak NOT reset after setup (clear_refs refused): includes decoding the model"
         )
     )
     at_01 = next(r for r in rows if r.density == 0.1)
