@@ -8,17 +8,19 @@ Both variants are ``device.trainer.train_round`` itself; a step is timed between
 optimiser steps (forward, backward, gradient preparation, ``optimizer.step()``):
 
 * ``dense``: an empty kernel plan: masked dense compute (masked gradients := 0 before the step).
-* ``chosen``: the layers ``choose_plan`` picks from a profile measured at the start of this run
-  compute with sparse kernels; the trainer skips their gradient masking (their weight gradient
-  is exactly zero off the mask); the bench checks that no pruned weight became non-zero and that
-  both variants end with the same weights.
+* ``chosen``: the layers the agent would pick (``device.job.kernel_plan_for``: ``choose_plan``
+  from a profile measured at the start of this run) compute with sparse kernels in values mode
+  (SGD trains the kept values only); the bench checks that no pruned weight became non-zero and
+  that both variants end with the same weights.
 
 The two run as short rounds (``BLOCK`` steps) in alternating order on the same batches, the first
 round of each as warm-up; the figures are medians (``min ratio``: the ratio of the fastest steps,
 a view less sensitive to other load).
-Peak RSS is the VmHWM of a fresh process that runs one full local round with
-``device.trainer.train_round`` (2 local epochs over 200 random examples, batch 20, with the plan
-of that density), reset after the setup; the largest over all densities is reported.
+Peak RSS is the VmHWM of a fresh process that holds what a device agent holds when a round
+command arrives (torch, the decoded global model at that density, 200 random examples) and then
+runs the agent's round: ``device.job.run_round_job`` (2 local epochs, batch 20, the plan of that
+density) and the encoding of the update for upload; reset after the set-up, the largest over
+all densities is reported.
 
     python bench/device_step.py [--threads 2] [--reps 40] [--profile-repeats 5] [--json PATH]
 
