@@ -408,6 +408,20 @@ def main() -> None:
             "peak_rss_mb": round(peak, 1),
             "plain_torch_peak_rss_mb": round(plain["peak_rss_mb"], 1),
             "profile_s": round(profile_s, 2),
+            "profile": {
+                "step_overhead_ms": round(1e3 * profile.step_overhead_s, 3),
+                "layers": {
+                    layer.name: [
+                        {
+                            "density": p.density,
+                            "dense_ms": round(1e3 * p.dense_s, 3),
+                            "sparse_ms": round(1e3 * p.sparse_s, 3),
+                        }
+                        for p in layer.points
+                    ]
+                    for layer in profile.layers
+                },
+            },
         }
         args.json.write_text(json.dumps(payload, indent=2) + "\n")
 
