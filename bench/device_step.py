@@ -274,11 +274,12 @@ def _plain_torch_round(model: nn.Module, data: Examples) -> None:
             optimizer.step()
 
 
-def run_round(density: float, plan: frozenset[str], threads: int) -> dict[str, float]:
-    """One device round at ``density`` in a fresh process (``round_child``)."""
+def run_round(payload: bytes, plan: frozenset[str], threads: int) -> dict[str, float]:
+    """One device round on the encoded snapshot ``payload`` in a fresh process
+    (``round_child``)."""
     with tempfile.TemporaryDirectory() as scratch:
         snapshot_file = Path(scratch) / "snapshot.pb"
-        snapshot_file.write_bytes(snapshot_payload(density))
+        snapshot_file.write_bytes(payload)
         command = [
             sys.executable,
             str(Path(__file__).resolve()),
@@ -324,12 +325,15 @@ def main() -> None:
     rows: list[Row] = []
     rounds: list[dict[str, float]] = []
     for density in DENSITIES:
-        payload = envelope.decode(snapshot_payload(density)).body
-        assert isinstance(payload, ModelSnapshot)
-        plan = kernel_plan_for(profile, payload)  # what the agent picks for this model
+        payload = snapshot_payload(density)
+        snapshot = envelope.decode(payload).body
+        assert isinstance(snapshot, ModelSnapshot)
+        plan = kernel_plan_for(profile, snapshot)  # what the agent picks for this model
+        del snapshot
         rows.append(measure_density(density, plan, args.reps))
-        rounds.append(run_round(density, plan, args.threads))
-    plain = run_round(1.0, frozenset({PLAIN_TORCH}), args.threads)
+        rounds.append(run_round(payload, plan, args.threads))
+        if density == 1.0:
+            plain = run_round(payload, frozenset({PLAIN_TORCH}), args.threads)
 
     print()
     header = (
