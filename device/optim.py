@@ -1,9 +1,9 @@
 """SGD with heavy-ball momentum, in place: what a device's local round optimises with.
 
-``MomentumSGD`` computes exactly what ``torch.optim.SGD(lr=lr, momentum=m)`` computes (no
-dampening, no Nesterov, no weight decay: the trainer adds decay to the gradient itself), bit for
-bit on the same gradients:
+``MomentumSGD`` computes exactly what ``torch.optim.SGD(lr=lr, momentum=m, weight_decay=wd)``
+computes (no dampening, no Nesterov), bit for bit on the same gradients:
 
+    g <- g + wd * w         in place, in the tensor's own ``grad`` (torch allocates a new one)
     v <- g                  on a tensor's first step with a gradient
     v <- m * v + g          afterwards
     w <- w - lr * v         (w <- w - lr * g when m == 0, and no buffer is kept)
@@ -51,7 +51,8 @@ def register_step_pre_hook(hook: StepHook) -> HookHandle:
 class MomentumSGD:
     """In-place SGD with momentum over named tensors (leaf tensors with ``requires_grad``).
 
-    ``lr`` > 0 is the step size; ``momentum`` in [0, 1). ``momenta`` seeds the momentum buffers
+    ``lr`` > 0 is the step size; ``momentum`` in [0, 1); ``weight_decay`` >= 0 is added to the
+    gradient in place (a step consumes the gradients). ``momenta`` seeds the momentum buffers
     (by name, shaped like their tensors), e.g. when the trained tensors are rebuilt mid-round.
     A tensor whose ``grad`` is None is left alone for that step, as torch does.
     """
@@ -62,15 +63,19 @@ class MomentumSGD:
         *,
         lr: float,
         momentum: float,
+        weight_decay: float = 0.0,
         momenta: Mapping[str, torch.Tensor] | None = None,
     ) -> None:
         if not lr > 0:
             raise ValueError(f"lr must be > 0, got {lr}")
         if not 0 <= momentum < 1:
             raise ValueError(f"momentum must be in [0, 1), got {momentum}")
+        if not weight_decay >= 0:
+            raise ValueError(f"weight_decay must be >= 0, got {weight_decay}")
         self.tensors = dict(tensors)
         self.lr = lr
         self.momentum = momentum
+        self.weight_decay = weight_decay
         self.momenta: dict[str, torch.Tensor] = {}
         for name, buffer in (momenta or {}).items():
             tensor = self.tensors[name]
@@ -103,6 +108,8 @@ class MomentumSGD:
                 grad = tensor.grad
                 if grad is None:
                     continue
+                if self.weight_decay > 0:
+                    grad.add_(tensor, alpha=self.weight_decay)
                 if self.momentum > 0:
                     buffer = self.momenta.get(name)
                     if buffer is None:

@@ -131,7 +131,7 @@ def _layer_step(
     every entry of the weight, values mode only the kept ones. The step size is tiny, so
     repeated runs leave the weights as good as unchanged.
     """
-    optimizer = MomentumSGD(trained, lr=1e-9, momentum=_MOMENTUM)
+    optimizer = MomentumSGD(trained, lr=1e-9, momentum=_MOMENTUM, weight_decay=_WEIGHT_DECAY)
     weight = module.get_parameter("weight")
 
     def run() -> float:
@@ -143,12 +143,9 @@ def _layer_step(
         # d<out, grad_out>/d out = grad_out: the backward of ``backward(out, grad_out)``, from a
         # scalar (a tensor ``grad_tensors`` makes torch import sympy, 34 MB, on the device).
         torch.autograd.backward(torch.dot(out.reshape(-1), grad_out.reshape(-1)))
-        with torch.no_grad():
-            if mask is not None and weight.grad is not None:
+        if mask is not None and weight.grad is not None:
+            with torch.no_grad():
                 zero_outside(weight.grad, mask)
-            for tensor in trained.values():
-                if tensor.grad is not None:
-                    tensor.grad.add_(tensor, alpha=_WEIGHT_DECAY)
         optimizer.step()
         return time.perf_counter() - start
 
@@ -220,7 +217,7 @@ def _step_seconds(
     runs it: forward, loss, backward, the prunable weights' gradients masked (by all-kept
     masks: a multiply costs the same whatever it keeps), weight decay and momentum."""
     params = dict(model.named_parameters())
-    optimizer = MomentumSGD(params, lr=1e-9, momentum=_MOMENTUM)
+    optimizer = MomentumSGD(params, lr=1e-9, momentum=_MOMENTUM, weight_decay=_WEIGHT_DECAY)
     masks = {n: torch.ones_like(params[n], dtype=torch.bool) for n in prunable_names(model)}
     generator = torch.Generator().manual_seed(seed)
 
@@ -239,9 +236,6 @@ def _step_seconds(
                 grad = params[name].grad
                 if grad is not None:
                     zero_outside(grad, mask)
-            for tensor in optimizer.tensors.values():
-                if tensor.grad is not None:
-                    tensor.grad.add_(tensor, alpha=_WEIGHT_DECAY)
         optimizer.step()
         return time.perf_counter() - start
 

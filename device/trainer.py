@@ -10,8 +10,9 @@ results; no global RNG state is read or set (the models here have no dropout).
 Per step, in this order (why: each quantity must see the gradient it is defined on):
   1. forward, cross-entropy loss, backward: dense gradients, masked positions included;
   2. PruneFL importance += grad^2 and the FedDST growth window += grad (dense, before masking);
-  3. FedProx: grad += mu * (w - w_global); weight decay: grad += wd * w (in place);
-  4. masked gradients := 0; ``optimizer.step()`` (SGD with momentum);
+  3. FedProx: grad += mu * (w - w_global);
+  4. masked gradients := 0; ``optimizer.step()`` (SGD with momentum; it adds weight decay,
+     grad += wd * w, in place: zero at masked positions, whose weights are zero);
   5. at the readjust step: drop and grow per layer, dropped and grown weights and momentum := 0.
 
 Why masked weights and momentum need no masking after the step: they are exactly zero before it
@@ -193,8 +194,8 @@ class _Optimised:
     """What SGD trains: every parameter, except that in the kernels' values mode the planned
     weights are replaced by their ``[nnz]`` value tensors (momentum on the mask only).
 
-    ``optimizer.tensors`` maps state_dict names to the tensors it trains. Weight decay is not
-    the optimiser's: ``_prepare_gradients`` adds it in place.
+    ``optimizer.tensors`` maps state_dict names to the tensors it trains; the optimiser adds
+    weight decay to their gradients in place.
     """
 
     def __init__(
@@ -220,7 +221,11 @@ class _Optimised:
             assert self._handle is not None
             tensors[name] = self._handle.values(name)
         return MomentumSGD(
-            tensors, lr=self._settings.lr, momentum=self._settings.momentum, momenta=momenta
+            tensors,
+            lr=self._settings.lr,
+            momentum=self._settings.momentum,
+            weight_decay=self._settings.weight_decay,
+            momenta=momenta,
         )
 
     def zero_grad(self) -> None:
@@ -348,7 +353,6 @@ def train_round(
                     importance=importance,
                     grow_sum=grow_sum if gradient_growth and in_window else None,
                     prox=(all_params, prox_ref, settings.prox_mu),
-                    weight_decay=(optimised.tensors, settings.weight_decay),
                     exact=_exact(kernel_plan, optimised.values_mode, dense_grad, bool(prox_ref)),
                 )
                 optimised.optimizer.step()
@@ -405,17 +409,15 @@ def _prepare_gradients(
     importance: Mapping[str, torch.Tensor],
     grow_sum: Mapping[str, torch.Tensor] | None,
     prox: tuple[Mapping[str, nn.Parameter], Mapping[str, torch.Tensor], float],
-    weight_decay: tuple[Mapping[str, torch.Tensor], float],
     exact: frozenset[str],
 ) -> None:
     """Between backward and the optimiser step: record dense gradients, add FedProx, mask.
 
     ``importance`` (may be empty) gets ``+= grad^2`` and ``grow_sum`` (None outside the growth
     window) ``+= grad``, both from the dense gradient; then ``grad += mu (w - w_global)`` for the
-    parameters in the FedProx reference and ``grad += wd * w`` for every tensor the optimiser
-    trains (parameters, or kernel value tensors); finally the
-    gradients at masked positions become zero, except for the tensors in ``exact``, whose
-    gradient is already exactly zero there (sparse kernels on their on-mask steps).
+    parameters in the FedProx reference; finally the gradients at masked positions become zero,
+    except for the tensors in ``exact``, whose gradient is already exactly zero there (sparse
+    kernels on their on-mask steps). Weight decay is the optimiser's (``MomentumSGD``).
     """
     all_params, prox_ref, mu = prox
     with torch.no_grad():
@@ -431,11 +433,6 @@ def _prepare_gradients(
             grad = all_params[name].grad
             if grad is not None:
                 grad.add_(all_params[name] - ref, alpha=mu)
-        every, wd = weight_decay
-        if wd > 0:
-            for tensor in every.values():
-                if tensor.grad is not None:
-                    tensor.grad.add_(tensor, alpha=wd)
         for name, param in params.items():
             if param.grad is not None and name not in exact:
                 zero_outside(param.grad, masks[name])

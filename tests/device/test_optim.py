@@ -17,12 +17,14 @@ def _tensors(seed: int) -> dict[str, torch.Tensor]:
     }
 
 
-@pytest.mark.parametrize("momentum", [0.0, 0.5, 0.9])
-def test_steps_equal_torch_sgd_bit_for_bit(momentum: float) -> None:
+@pytest.mark.parametrize(("momentum", "weight_decay"), [(0.0, 0.0), (0.5, 0.0), (0.9, 1e-3)])
+def test_steps_equal_torch_sgd_bit_for_bit(momentum: float, weight_decay: float) -> None:
     """Swapping torch.optim.SGD for MomentumSGD must not change a single trained weight."""
     ours, theirs = _tensors(0), _tensors(0)
-    sgd = MomentumSGD(ours, lr=0.03, momentum=momentum)
-    reference = torch.optim.SGD(list(theirs.values()), lr=0.03, momentum=momentum)
+    sgd = MomentumSGD(ours, lr=0.03, momentum=momentum, weight_decay=weight_decay)
+    reference = torch.optim.SGD(
+        list(theirs.values()), lr=0.03, momentum=momentum, weight_decay=weight_decay
+    )
     g = torch.Generator().manual_seed(1)
     for step in range(6):
         for name in ours:
@@ -71,6 +73,8 @@ def test_bad_settings_and_mismatched_momentum_are_rejected() -> None:
         MomentumSGD(tensors, lr=0.0, momentum=0.9)
     with pytest.raises(ValueError, match=r"momentum must be in \[0, 1\)"):
         MomentumSGD(tensors, lr=0.1, momentum=1.0)
+    with pytest.raises(ValueError, match="weight_decay must be >= 0"):
+        MomentumSGD(tensors, lr=0.1, momentum=0.9, weight_decay=-1e-3)
     with pytest.raises(ValueError, match="momentum of 'a' has shape"):
         MomentumSGD(tensors, lr=0.1, momentum=0.9, momenta={"a": torch.zeros(3)})
 
