@@ -48,7 +48,6 @@ from __future__ import annotations
 import itertools
 import math
 import statistics
-import types
 import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -59,6 +58,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from device.errors import ConfigError, NotFoundError
+from device.forwards import ForwardOverrides, is_overridden
 from device.wire.messages import DeviceProfile, LayerProfile
 
 __all__ = [
@@ -470,7 +470,7 @@ class KernelHandle:
         self._train_values = train_values
         self._structures: dict[str, CsrStructure] = {}
         self._values: dict[str, torch.Tensor] = {}
-        self._saved_forward: dict[str, Callable[..., Any] | None] = {}
+        self._overrides = ForwardOverrides()
         self._attached = False
         self.full_weight_grad = False
 
@@ -541,8 +541,7 @@ class KernelHandle:
     def _install(self) -> None:
         for name in sorted(self._plan):
             module = _module_of(self._model, name)
-            self._saved_forward[name] = module.__dict__.get("forward")
-            module.forward = types.MethodType(self._forward_for(name, module), module)
+            self._overrides.install(module, self._forward_for(name, module), what=repr(name))
         self._attached = True
 
     def _inputs(self, name: str, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -587,13 +586,7 @@ class KernelHandle:
         if not self._attached:
             return
         self.write_back()
-        for name, saved in self._saved_forward.items():
-            module = _module_of(self._model, name)
-            if saved is None:
-                module.__dict__.pop("forward", None)
-            else:
-                module.forward = saved
-        self._saved_forward.clear()
+        self._overrides.restore()
         self._attached = False
 
 
@@ -624,7 +617,7 @@ def attach(
                 f"no sparse kernel for {name!r} ({type(module).__name__}); only nn.Linear and "
                 "nn.Conv2d with groups=1 and integer zero padding are supported"
             )
-        if isinstance(module.__dict__.get("forward"), types.MethodType):
+        if is_overridden(module):
             raise ConfigError(f"{name!r} already has an overridden forward (attached twice?)")
     handle = KernelHandle(model, frozenset(plan), train_values)
     handle.refresh(masks)
