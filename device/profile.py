@@ -14,8 +14,10 @@ as the caller configured (``torch.set_num_threads``), times from ``time.perf_cou
   included except for the model's first layer, whose input is data) and the update of the
   layer's trained tensors (gradient masking, weight decay, momentum SGD), for masked dense
   compute (``dense_s``: the layer's own forward on a weight that is zero outside a random mask
-  of that density, all of it updated) and for the sparse kernel in values mode (``sparse_s``:
-  only the kept values updated; 0 where the layer has no kernel). Dense and sparse runs
+  of that density, all of it updated; large linear layers with their weight gradient in a
+  persistent buffer, as the trainer computes them, ``device.gradbuffers``) and for the sparse
+  kernel in values mode (``sparse_s``: only the kept values updated; 0 where the layer has no
+  kernel). Dense and sparse runs
   alternate, so that load from other processes hits both alike; each figure is the median of
   ``repeats`` runs after ``warmup`` unmeasured ones.
 * ``step_overhead_s`` (c_0): the median seconds of a whole masked dense step as the trainer
@@ -47,6 +49,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from device.errors import ConfigError
+from device.gradbuffers import weight_grad_buffers
 from device.models import create_model, model_spec, prunable_names
 from device.optim import MomentumSGD
 from device.sparse.kernels import attach, supports_sparse
@@ -183,29 +186,32 @@ def _profile_layer(
     sparse_module = copy.deepcopy(module) if supports_sparse(module) else None
     points: list[ProfilePoint] = []
     sparse_bound = 0.0  # > 0 once sparse lost by skip_factor: denser points reuse this bound
-    for density in sorted(densities):  # sparsest first, see the module docstring
-        mask = _random_mask(weight.shape, density, batch_generator)
-        with torch.no_grad():
-            weight.copy_(original * mask)
-        dense_run = _layer_step(module, x, grad_out, dict(module.named_parameters()), mask)
-        if sparse_module is None or sparse_bound > 0:
-            (dense_s,) = _median_interleaved([dense_run], repeats, warmup)
-            points.append(ProfilePoint(density, dense_s, sparse_bound))
-            continue
-        with torch.no_grad():
-            sparse_module.get_parameter("weight").copy_(weight)
-        # Values mode, as the trainer uses the kernels: the gradient has nnz entries.
-        handle = attach(sparse_module, {"weight": mask}, frozenset({"weight"}), train_values=True)
-        try:
-            trained: dict[str, torch.Tensor] = dict(sparse_module.named_parameters())
-            trained["weight"] = handle.values("weight")
-            sparse_run = _layer_step(sparse_module, x, grad_out, trained)
-            dense_s, sparse_s = _median_interleaved([dense_run, sparse_run], repeats, warmup)
-        finally:
-            handle.detach()
-        points.append(ProfilePoint(density, dense_s, sparse_s))
-        if sparse_s >= skip_factor * dense_s:
-            sparse_bound = sparse_s
+    with weight_grad_buffers(module):  # the dense step as the trainer runs it
+        for density in sorted(densities):  # sparsest first, see the module docstring
+            mask = _random_mask(weight.shape, density, batch_generator)
+            with torch.no_grad():
+                weight.copy_(original * mask)
+            dense_run = _layer_step(module, x, grad_out, dict(module.named_parameters()), mask)
+            if sparse_module is None or sparse_bound > 0:
+                (dense_s,) = _median_interleaved([dense_run], repeats, warmup)
+                points.append(ProfilePoint(density, dense_s, sparse_bound))
+                continue
+            with torch.no_grad():
+                sparse_module.get_parameter("weight").copy_(weight)
+            # Values mode, as the trainer uses the kernels: the gradient has nnz entries.
+            handle = attach(
+                sparse_module, {"weight": mask}, frozenset({"weight"}), train_values=True
+            )
+            try:
+                trained: dict[str, torch.Tensor] = dict(sparse_module.named_parameters())
+                trained["weight"] = handle.values("weight")
+                sparse_run = _layer_step(sparse_module, x, grad_out, trained)
+                dense_s, sparse_s = _median_interleaved([dense_run, sparse_run], repeats, warmup)
+            finally:
+                handle.detach()
+            points.append(ProfilePoint(density, dense_s, sparse_s))
+            if sparse_s >= skip_factor * dense_s:
+                sparse_bound = sparse_s
     points.sort(key=lambda p: p.density, reverse=True)
     return LayerProfile(name=layer.name, numel=weight.numel(), points=tuple(points))
 
@@ -239,7 +245,8 @@ def _step_seconds(
         optimizer.step()
         return time.perf_counter() - start
 
-    (seconds,) = _median_interleaved([run], repeats, warmup)
+    with weight_grad_buffers(model):
+        (seconds,) = _median_interleaved([run], repeats, warmup)
     return seconds
 
 

@@ -23,8 +23,10 @@ its on-mask gradient (exactly zero off the mask) and no FedProx term is added.
 
 Memory (a 1 GB Pi trains a 26 MB model): besides the model, a round holds the gradients, the
 momentum and, per pruned tensor, only its start values on the start mask; weight decay is added
-in place (torch's SGD would allocate a gradient-sized temporary), and the dense deltas are built
-after the optimiser state and gradients are freed.
+in place (torch's SGD would allocate a gradient-sized temporary), large dense linear layers
+compute their weight gradients into one buffer each for the whole round (``device.gradbuffers``:
+a new one every step fragments the heap), and the dense deltas are built after the optimiser
+state and gradients are freed.
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from device.errors import ConfigError, DataError
+from device.gradbuffers import weight_grad_buffers
 from device.optim import MomentumSGD
 from device.seeding import derive_seed
 from device.sparse.masks import Masks, apply_masks, check_masks, masks_equal, zero_outside
@@ -327,7 +330,10 @@ def train_round(
     step = 0
     model.train()
     # Values mode (kernels train [nnz] tensors) unless FedProx needs the dense weights' distance.
-    with _kernels(model, current, kernel_plan, train_values=not prox_ref) as handle:
+    with (
+        _kernels(model, current, kernel_plan, train_values=not prox_ref) as handle,
+        weight_grad_buffers(model, exclude=kernel_plan),
+    ):
         optimised = _Optimised(model, handle, settings)
         while step < plan.total_steps:
             order = torch.randperm(x.shape[0], generator=shuffle)

@@ -525,6 +525,63 @@ def test_kernel_layers_train_only_their_kept_values_and_give_the_dense_round() -
         assert torch.allclose(params[name].detach(), dense_model.get_parameter(name), atol=1e-5)
 
 
+@pytest.mark.parametrize("case", ["plain", "readjust and importance", "fedprox", "kernels"])
+def test_gradient_buffers_change_where_gradients_live_not_the_round(
+    monkeypatch: pytest.MonkeyPatch, case: str
+) -> None:
+    """Large linear layers compute their weight gradient into one buffer for the whole round
+    (``device.gradbuffers``, engaged here for every layer): the round must be bit for bit the
+    one without buffers, and each buffered weight's gradient one tensor at every step."""
+    plan = frozenset({"0.weight"}) if case == "kernels" else frozenset[str]()
+    options: dict[str, object] = {"kernel_plan": plan}
+    if case == "readjust and importance":
+        options.update(readjust=Readjust(alpha=0.3), report_importance=True)
+    settings = LocalTraining(
+        epochs=2,
+        batch_size=16,
+        lr=0.05,
+        momentum=0.9,
+        weight_decay=1e-3,
+        prox_mu=0.1 if case == "fedprox" else 0.0,
+    )
+
+    def run(min_bytes: int) -> tuple[RoundResult, dict[str, list[torch.Tensor]]]:
+        monkeypatch.setattr("device.gradbuffers.MIN_BYTES", min_bytes)
+        model = make_model()
+        buffered = set(PRUNED) - plan
+        weights = {n: p for n, p in model.named_parameters() if n in buffered}
+        grads: dict[str, list[torch.Tensor]] = {n: [] for n in weights}
+
+        def check(optimizer: MomentumSGD) -> None:
+            for name, weight in weights.items():
+                assert weight.grad is not None
+                grads[name].append(weight.grad)  # held: a new gradient cannot reuse its memory
+
+        with before_every_step(check):
+            result = train_round(
+                model,
+                make_masks(model),
+                make_data(),
+                settings,
+                seed=9,
+                **options,
+            )
+        return result, grads
+
+    plain, plain_grads = run(1 << 62)
+    buffered, buffered_grads = run(0)
+    for name, seen in buffered_grads.items():
+        assert len(seen) == buffered.local_steps and all(g is seen[0] for g in seen), name
+        assert len({id(g) for g in plain_grads[name]}) == plain.local_steps, name
+    for name in plain.deltas:
+        assert torch.equal(plain.deltas[name], buffered.deltas[name]), name
+    for name in plain.masks:
+        assert torch.equal(plain.masks[name], buffered.masks[name]), name
+    assert plain.importance.keys() == buffered.importance.keys()
+    for name in plain.importance:
+        assert torch.equal(plain.importance[name], buffered.importance[name]), name
+
+
 def test_an_all_kept_round_is_torch_sgd_with_momentum_and_weight_decay_exactly() -> None:
     """The trainer folds weight decay into the gradient itself (to save torch's temporary): with
     nothing pruned the round must be bit-for-bit torch's own SGD on the same batches."""
