@@ -30,7 +30,7 @@ from glibc's bins without growing the heap, and convolutions on a device are sma
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -107,7 +107,9 @@ class _LinearIntoBufferFn(torch.autograd.Function):
         return grad_x, None, grad_b, None, None
 
 
-def _buffered_forward(buffer: torch.Tensor) -> Any:
+def _buffered_forward(buffer: torch.Tensor) -> Callable[[nn.Linear, torch.Tensor], torch.Tensor]:
+    """A linear layer's ``forward`` that computes its weight gradient into ``buffer``."""
+
     def forward(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
         out: torch.Tensor = _LinearIntoBufferFn.apply(  # type: ignore[no-untyped-call]
             x, self.weight, self.bias, self, buffer
