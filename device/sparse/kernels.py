@@ -107,6 +107,7 @@ class CsrStructure:
     t_col: torch.Tensor
     t_order: torch.Tensor
     _patterns: dict[torch.dtype, torch.Tensor] = field(default_factory=dict, repr=False)
+    _scratch: dict[tuple[str, torch.dtype], torch.Tensor] = field(default_factory=dict, repr=False)
 
     @property
     def nnz(self) -> int:
@@ -120,14 +121,37 @@ class CsrStructure:
         )
 
     def transposed(self, values: torch.Tensor) -> torch.Tensor:
-        """The CSR matrix ``[cols, rows]`` of the transpose, from the same ``values``."""
+        """The CSR matrix ``[cols, rows]`` of the transpose, from the same ``values``.
+
+        Its values live in one buffer per structure and dtype, rewritten by every call: the
+        matrix is valid until the next call (the kernels use it at once, in a backward).
+        """
+        permuted = self._buffer("transposed", values.dtype)
+        torch.index_select(values, 0, self.t_order, out=permuted)
         return torch.sparse_csr_tensor(
-            self.t_crow,
-            self.t_col,
-            values.index_select(0, self.t_order),
-            self.shape[::-1],
-            check_invariants=False,
+            self.t_crow, self.t_col, permuted, self.shape[::-1], check_invariants=False
         )
+
+    def sampled(self, g_t: torch.Tensor, x: torch.Tensor, *, reuse: bool) -> torch.Tensor:
+        """``(g_t @ x)`` at the kept entries, in CSR value order: ``[nnz]``.
+
+        ``g_t`` is ``[rows, n]``, ``x`` is ``[n, cols]``. With ``reuse`` the result is a view of
+        one buffer per structure and dtype that every such call rewrites; otherwise a new tensor.
+        """
+        dtype = g_t.dtype
+        key = ("sampled", dtype)
+        if reuse and key not in self._scratch:
+            self._scratch[key] = self.matrix(torch.empty(self.nnz, dtype=dtype))
+        out = self._scratch[key] if reuse else None
+        result = torch.sparse.sampled_addmm(self.pattern(dtype), g_t, x, beta=0.0, out=out)
+        values: torch.Tensor = result.values()
+        return values
+
+    def _buffer(self, purpose: str, dtype: torch.dtype) -> torch.Tensor:
+        key = (purpose, dtype)
+        if key not in self._scratch:
+            self._scratch[key] = torch.empty(self.nnz, dtype=dtype)
+        return self._scratch[key]
 
     def pattern(self, dtype: torch.dtype) -> torch.Tensor:
         """A CSR matrix of ones with this structure (``sampled_addmm``'s sampling pattern)."""
@@ -182,16 +206,34 @@ def _gather_values(weight: torch.Tensor, structure: CsrStructure) -> torch.Tenso
     return weight.reshape(-1).index_select(0, structure.flat_index)
 
 
-def _values_grad(structure: CsrStructure, g_t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """``(g_t @ x)`` at the kept entries only, in CSR value order: ``[nnz]``.
+def _values_grad(
+    ctx: Any, structure: CsrStructure, g_t: torch.Tensor, x: torch.Tensor
+) -> torch.Tensor | None:
+    """The gradient of the values at the kept entries only (``[nnz]``, CSR value order).
 
-    ``g_t`` is ``[rows, n]`` (output gradient, transposed), ``x`` is ``[n, cols]``.
+    ``g_t`` is ``[rows, n]`` (output gradient, transposed), ``x`` is ``[n, cols]``. In values
+    mode (``ctx.values_leaf``: the handle's trained tensor) it goes to the leaf here, as
+    ``device.gradbuffers`` does for dense weights, and None goes to autograd: written into the
+    structure's reused buffer when the leaf's ``grad`` is None (no allocation per step),
+    added to it otherwise (a layer used twice, or gradients accumulated over backward passes).
+    Gathered values (weight mode) get a new tensor, through autograd.
     """
     if structure.nnz == 0:
         return torch.zeros(0, dtype=g_t.dtype)
-    sampled = torch.sparse.sampled_addmm(structure.pattern(g_t.dtype), g_t, x, beta=0.0)
-    values: torch.Tensor = sampled.values()
-    return values
+    leaf: torch.Tensor | None = ctx.values_leaf
+    if leaf is None:
+        return structure.sampled(g_t, x, reuse=False)
+    if leaf.grad is None:
+        leaf.grad = structure.sampled(g_t, x, reuse=True)
+    else:
+        leaf.grad.add_(structure.sampled(g_t, x, reuse=False))
+    return None
+
+
+def _trained_leaf(values: torch.Tensor) -> torch.Tensor | None:
+    """``values`` when it is a trained leaf (values mode), else None (weight mode's gathered
+    values). Kept on ``ctx`` as is: a leaf has no ``grad_fn``, so this makes no cycle."""
+    return values if values.is_leaf and values.requires_grad else None
 
 
 def _input_grads(
@@ -206,7 +248,7 @@ def _input_grads(
         if ctx.needs_input_grad[1]:
             grad_values = dense.view(-1).index_select(0, structure.flat_index)
     elif ctx.needs_input_grad[1]:
-        grad_values = _values_grad(structure, g_t, x)
+        grad_values = _values_grad(ctx, structure, g_t, x)
     return grad_values, grad_dense
 
 
@@ -234,6 +276,7 @@ class _SparseLinearFn(torch.autograd.Function):
         ctx.has_bias = bias is not None
         ctx.weight_shape = torch.Size(structure.shape)
         ctx.save_for_backward(x2, values)
+        ctx.values_leaf = _trained_leaf(values)
         return y.contiguous().view(*x.shape[:-1], structure.shape[0])
 
     @staticmethod
@@ -329,6 +372,7 @@ class _SparseConv2dFn(torch.autograd.Function):
         ctx.input_hw = (height, width)
         ctx.weight_shape = weight_shape
         ctx.save_for_backward(cols_t, values)
+        ctx.values_leaf = _trained_leaf(values)
         return out.reshape(batch, structure.shape[0], out_h, out_w)
 
     @staticmethod

@@ -7,6 +7,7 @@ state_dict's, and the chooser must never pick a kernel the profile does not show
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Iterator
 
 import pytest
@@ -361,6 +362,66 @@ def test_refresh_uses_the_new_mask() -> None:
             if name in PLAN:
                 param.mul_(new_masks[name])  # what masked dense computes with the new mask
     torch.testing.assert_close(got, net(x), atol=1e-5, rtol=1e-5)
+
+
+def _on_mask_grads(
+    net: nn.Module, masks: dict[str, torch.Tensor], x: torch.Tensor
+) -> dict[str, torch.Tensor]:
+    """Masked dense gradients of the planned weights at their kept entries, in CSR value order
+    (what values mode must give its ``[nnz]`` tensors)."""
+    reference = copy.deepcopy(net)
+    torch.autograd.backward(reference(x).square().mean())
+    params = dict(reference.named_parameters())
+    return {n: params[n].grad.reshape(-1)[masks[n].reshape(-1)] for n in PLAN}  # type: ignore[union-attr]
+
+
+def test_values_mode_gradients_reuse_one_buffer_and_accumulate_like_autograd() -> None:
+    """In values mode a layer's kept-value gradient is written into one buffer and set on the
+    values tensor (no allocation per step): cleared between steps it comes back in the same
+    memory holding that step's gradient; not cleared, the next backward adds to it."""
+    net, masks = _small_net_and_masks(0.3, seed=3)
+    xs = [_randn(4, 1, 8, 8, seed=50 + i, dtype=torch.float32) for i in range(3)]
+    wanted = [_on_mask_grads(net, masks, x) for x in xs]
+    handle = attach(net, masks, PLAN, train_values=True)
+    values = {n: handle.values(n) for n in PLAN}
+    held: dict[str, list[torch.Tensor]] = {n: [] for n in PLAN}
+    for x, want in zip(xs, wanted, strict=True):
+        for tensor in values.values():
+            tensor.grad = None
+        torch.autograd.backward(net(x).square().mean())
+        for name, tensor in values.items():
+            assert tensor.grad is not None
+            torch.testing.assert_close(tensor.grad, want[name], atol=1e-5, rtol=1e-5)
+            held[name].append(tensor.grad)  # held: a new gradient could not reuse its memory
+    for seen in held.values():
+        assert len({g.data_ptr() for g in seen}) == 1
+    torch.autograd.backward(net(xs[0]).square().mean())  # not cleared: accumulates
+    for name, tensor in values.items():
+        torch.testing.assert_close(
+            tensor.grad, wanted[2][name] + wanted[0][name], atol=1e-5, rtol=1e-5
+        )
+    handle.detach()
+
+
+def test_values_mode_layer_used_twice_in_one_graph_gets_the_summed_gradient() -> None:
+    """Both uses' gradients must add up: the second backward call must not overwrite the first
+    one's gradient in the reused buffer."""
+    torch.manual_seed(7)
+    layer = nn.Linear(6, 6)
+    mask = _mask((6, 6), 0.5, seed=8)
+    with torch.no_grad():
+        layer.weight.mul_(mask)
+    x = _randn(3, 6, seed=9, dtype=torch.float32)
+    reference = copy.deepcopy(layer)
+    torch.autograd.backward(reference(reference(x)).square().sum())
+    assert reference.weight.grad is not None
+    want = reference.weight.grad.reshape(-1)[mask.reshape(-1)]
+    handle = attach(layer, {"weight": mask}, frozenset({"weight"}), train_values=True)
+    torch.autograd.backward(layer(layer(x)).square().sum())
+    got = handle.values("weight").grad
+    handle.detach()
+    assert got is not None
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
 
 
 def test_detach_restores_the_modules_own_forward() -> None:
