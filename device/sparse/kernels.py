@@ -26,9 +26,11 @@ Two ways to train a planned layer:
   tensor of the kept values (CSR order) that the optimiser trains instead of the weight. Its
   gradient and momentum have ``nnz`` entries, so a step neither writes a dense weight gradient
   nor updates or masks pruned entries (at density 0.1 a tenth of the memory and memory traffic).
-  The weight gets a dense gradient only while ``full_weight_grad`` is set (for importance and
-  growth, never used by the optimiser), and receives the trained values on
-  :meth:`KernelHandle.write_back` and :meth:`KernelHandle.detach`.
+  The values' gradient is computed into one buffer per layer and set on the leaf by the
+  backward (as ``device.gradbuffers`` does for dense weights), so a step allocates none of its
+  ``nnz``-sized tensors anew. The weight gets a dense gradient only while ``full_weight_grad``
+  is set (for importance and growth, never used by the optimiser), and receives the trained
+  values on :meth:`KernelHandle.write_back` and :meth:`KernelHandle.detach`.
 
 Invariants:
 
