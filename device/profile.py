@@ -17,9 +17,8 @@ as the caller configured (``torch.set_num_threads``), times from ``time.perf_cou
   of that density, all of it updated; large linear layers with their weight gradient in a
   persistent buffer, as the trainer computes them, ``device.gradbuffers``) and for the sparse
   kernel in values mode (``sparse_s``: only the kept values updated; 0 where the layer has no
-  kernel). Dense and sparse runs
-  alternate, so that load from other processes hits both alike; each figure is the median of
-  ``repeats`` runs after ``warmup`` unmeasured ones.
+  kernel). Dense and sparse runs alternate, so that load from other processes hits both alike;
+  each figure is the median of ``repeats`` runs after ``warmup`` unmeasured ones.
 * ``step_overhead_s`` (c_0): the median seconds of a whole masked dense step as the trainer
   runs it (forward, loss, backward, gradient masking of the prunable weights, weight decay,
   momentum update) minus the sum of the layers' dense times, clamped at 0 (activations,

@@ -108,8 +108,8 @@ class CsrStructure:
     t_crow: torch.Tensor
     t_col: torch.Tensor
     t_order: torch.Tensor
-    _patterns: dict[torch.dtype, torch.Tensor] = field(default_factory=dict, repr=False)
-    _scratch: dict[tuple[str, torch.dtype], torch.Tensor] = field(default_factory=dict, repr=False)
+    # Tensors made once per structure and reused by every step: (purpose, dtype) -> tensor.
+    _cache: dict[tuple[str, torch.dtype], torch.Tensor] = field(default_factory=dict, repr=False)
 
     @property
     def nnz(self) -> int:
@@ -128,7 +128,8 @@ class CsrStructure:
         Its values live in one buffer per structure and dtype, rewritten by every call: the
         matrix is valid until the next call (the kernels use it at once, in a backward).
         """
-        permuted = self._buffer("transposed", values.dtype)
+        dtype = values.dtype
+        permuted = self._cached("transposed", dtype, lambda: torch.empty(self.nnz, dtype=dtype))
         torch.index_select(values, 0, self.t_order, out=permuted)
         return torch.sparse_csr_tensor(
             self.t_crow, self.t_col, permuted, self.shape[::-1], check_invariants=False
@@ -141,25 +142,29 @@ class CsrStructure:
         one buffer per structure and dtype that every such call rewrites; otherwise a new tensor.
         """
         dtype = g_t.dtype
-        key = ("sampled", dtype)
-        if reuse and key not in self._scratch:
-            self._scratch[key] = self.matrix(torch.empty(self.nnz, dtype=dtype))
-        out = self._scratch[key] if reuse else None
+        out = None
+        if reuse:
+            out = self._cached(
+                "sampled", dtype, lambda: self.matrix(torch.empty(self.nnz, dtype=dtype))
+            )
         result = torch.sparse.sampled_addmm(self.pattern(dtype), g_t, x, beta=0.0, out=out)
         values: torch.Tensor = result.values()
         return values
 
-    def _buffer(self, purpose: str, dtype: torch.dtype) -> torch.Tensor:
-        key = (purpose, dtype)
-        if key not in self._scratch:
-            self._scratch[key] = torch.empty(self.nnz, dtype=dtype)
-        return self._scratch[key]
-
     def pattern(self, dtype: torch.dtype) -> torch.Tensor:
         """A CSR matrix of ones with this structure (``sampled_addmm``'s sampling pattern)."""
-        if dtype not in self._patterns:  # cached: one allocation per structure, not per step
-            self._patterns[dtype] = self.matrix(torch.ones(self.nnz, dtype=dtype))
-        return self._patterns[dtype]
+        return self._cached(
+            "pattern", dtype, lambda: self.matrix(torch.ones(self.nnz, dtype=dtype))
+        )
+
+    def _cached(
+        self, purpose: str, dtype: torch.dtype, make: Callable[[], torch.Tensor]
+    ) -> torch.Tensor:
+        """The structure's tensor for ``purpose`` and ``dtype``, made by ``make`` on first use."""
+        key = (purpose, dtype)
+        if key not in self._cache:
+            self._cache[key] = make()
+        return self._cache[key]
 
 
 def _crow_from_rows(rows: torch.Tensor, n_rows: int) -> torch.Tensor:
