@@ -6,9 +6,9 @@
 
 - baseline: plain numpy that only scatter-adds the already decoded values, example-weighted, in
   float64 (``acc[idx] += w * v``), per tensor;
-- one worker: one process runs what ``fleet.aggregator.AggregatorWorker`` does per update minus
-  the store write and the MQTT ack (envelope decode, ``check_routing``, ``check_sparse`` -- the
-  checks of ``reconstruct`` and ``strategy.check_result`` on the sparse representation --
+- one worker: one process runs what ``fleet.runtime.aggregator.AggregatorWorker`` does per update
+  minus the store write and the MQTT ack (envelope decode, ``check_routing``, ``check_sparse`` --
+  the checks of ``reconstruct`` and ``strategy.check_result`` on the sparse representation --
   and ``Accumulator.add_sparse``); ``--dense`` measures the dense path instead
   (``reconstruct``, ``strategy.check_result``, ``Accumulator.add``);
 - three workers: three processes, each with a third of the updates (a shared subscription's
@@ -46,7 +46,7 @@ from device.wire.messages import DeviceUpdate, Envelope, ValueDType  # noqa: E40
 from fleet.strategies import create_strategy  # noqa: E402
 from fleet.strategies.accumulate import Accumulator  # noqa: E402
 from fleet.strategies.base import GlobalModel  # noqa: E402
-from fleet.validate import (  # noqa: E402
+from fleet.strategies.validate import (  # noqa: E402
     Expectation,
     ModelIndex,
     check_routing,

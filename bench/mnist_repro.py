@@ -78,7 +78,7 @@ def run_method(method: str, args: argparse.Namespace) -> None:
     """Run (or resume) one method to the end; runs in a child process."""
     import torch
 
-    from fleet.runner import RunSpec
+    from fleet.runtime.runner import RunSpec
     from fleet.sim import SimSpec, simulate
 
     torch.set_num_threads(1)
@@ -122,7 +122,7 @@ def export(method: str, args: argparse.Namespace) -> list[dict[str, float]]:
     """CSV rows of a method from its store (works for a finished or a partial run)."""
     from device.models import create_model, prunable_names
     from device.wire.messages import LocalTraining
-    from fleet.store import Store
+    from fleet.state.store import Store
     from fleet.strategies.base import GlobalModel
     from fleet.strategies.prunefl import PruneFLOptions, cost_model
 

@@ -31,7 +31,7 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from fleet.runner import RoundReport, RunSpec  # noqa: E402
+from fleet.runtime.runner import RoundReport, RunSpec  # noqa: E402
 from fleet.sim import SimSpec, simulate  # noqa: E402
 
 

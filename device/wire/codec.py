@@ -21,6 +21,7 @@ documented in ``docs/wire-format.md``.
 
 from __future__ import annotations
 
+import enum
 import hashlib
 import math
 import struct
@@ -28,7 +29,7 @@ import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
 from functools import cached_property
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
 import numpy as np
 import numpy.typing as npt
@@ -36,15 +37,25 @@ import numpy.typing as npt
 from device.errors import TensorDecodeError
 from device.wire.pb import sparsefleet_pb2 as pb
 
-if TYPE_CHECKING:
-    # messages.py imports SparseTensor from here, so ValueDType is only named for the type
-    # checker; at run time a ValueDType is a str (StrEnum) and is handled by its value.
-    from device.wire.messages import ValueDType
-
 BoolArray = npt.NDArray[np.bool_]
 FloatArray = npt.NDArray[np.float32]
 IntArray = npt.NDArray[np.int64]
 Rounding = Literal["nearest", "stochastic"]
+
+
+class ValueDType(enum.StrEnum):
+    """How tensor values travel. ``int8``/``int4`` are symmetric per-tensor quantisation.
+
+    Defined here, with the codec that implements each, and re-exported by ``messages``; a str
+    of the same value is accepted wherever a ValueDType is.
+    """
+
+    FP32 = "fp32"
+    FP16 = "fp16"
+    BF16 = "bf16"
+    INT8 = "int8"
+    INT4 = "int4"
+
 
 #: Largest element count of any tensor the decoder accepts (2**31, i.e. a 2 GiB boolean mask).
 MAX_ELEMENTS = 2**31

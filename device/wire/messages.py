@@ -14,22 +14,14 @@ from dataclasses import dataclass, field
 import numpy as np
 import numpy.typing as npt
 
-from device.wire.codec import SparseTensor
+from device.wire.codec import SparseTensor, ValueDType
+
+__all__ = ["SparseTensor", "ValueDType"]  # re-exported: they travel in messages
 
 SCHEMA_VERSION = 1
 
 FloatArray = npt.NDArray[np.float32]
 BoolArray = npt.NDArray[np.bool_]
-
-
-class ValueDType(enum.StrEnum):
-    """How tensor values travel. ``int8``/``int4`` are symmetric per-tensor quantisation."""
-
-    FP32 = "fp32"
-    FP16 = "fp16"
-    BF16 = "bf16"
-    INT8 = "int8"
-    INT4 = "int4"
 
 
 class JobState(enum.StrEnum):

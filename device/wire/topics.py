@@ -11,7 +11,7 @@
 | ``agg_close(run)``             | ``{prefix}/agg/{run}/close``           | 1, never retained     |
 | ``agg_partial(run, worker)``   | ``{prefix}/agg/{run}/partial/{worker}``| 1, never retained     |
 
-The two ``agg`` topics are the sharded-aggregation handover (``fleet.aggregator``): the
+The two ``agg`` topics are the sharded-aggregation handover (``fleet.runtime.aggregator``): the
 coordinator asks every worker for its partial sums of a round on ``agg_close``; each worker
 answers on its own ``agg_partial`` topic. Never retained: a retained request would be replayed
 to every worker that subscribes later.
@@ -257,7 +257,8 @@ class Topics:
 
         The broker spreads the chunks of one payload over the members, so no member can
         reassemble a chunked update alone: subscribers reassemble through a shared store
-        (``fleet.aggregator``, ``ReassemblyLimits.deliver_shared_chunks``; docs/protocol.md).
+        (``fleet.runtime.aggregator``, ``ReassemblyLimits.deliver_shared_chunks``;
+        docs/protocol.md).
         """
         return f"$share/{validate_id(group, 'group')}/{self.all_updates(run_id)}"
 

@@ -1,4 +1,5 @@
-"""Server strategies: each configures a round and aggregates; the loop lives in ``fleet.runner``.
+"""Server strategies: each configures a round and aggregates; the loop lives in
+``fleet.runtime.runner``.
 
 ``create_strategy("feddst", density=0.2, training={"epochs": 10})`` builds a strategy by name with
 its options (``LocalTraining`` fields may be given as a mapping and enums by value, as YAML

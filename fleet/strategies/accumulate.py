@@ -48,8 +48,8 @@ import numpy.typing as npt
 from fleet.strategies.aggregate import topk_mask
 from fleet.strategies.base import ClientResult, FloatArray, GlobalModel, Strategy
 
-if TYPE_CHECKING:  # only for annotations: fleet.validate imports every strategy module
-    from fleet.validate import SparseResult
+if TYPE_CHECKING:  # only for annotations: fleet.strategies.validate imports every strategy module
+    from fleet.strategies.validate import SparseResult
 
 __all__ = [
     "MAX_WEIGHT",
@@ -63,7 +63,7 @@ IntArray = npt.NDArray[np.int64]
 Float64Array = npt.NDArray[np.float64]
 
 MAX_WEIGHT = 2**30
-"""Exclusive bound on ``|weight|`` of one add (``fleet.validate.MAX_EXAMPLES`` = 1e9 fits)."""
+"""Exclusive bound on ``|weight|`` of one add (``validate.MAX_EXAMPLES`` = 1e9 fits)."""
 MAX_ADDS = 2**30
 """Adds (and removes) one ``ExactSum`` may take before an int64 limb could overflow."""
 PRUNEFL_MAX_TOTAL = 2**29
@@ -323,7 +323,7 @@ class Accumulator:
             self.reporters.append(result.device_id)
 
     def add_sparse(self, result: SparseResult) -> None:
-        """``add`` of a result validated by ``fleet.validate.check_sparse``: the same exact
+        """``add`` of a result validated by ``validate.check_sparse``: the same exact
         sums as ``add(result.to_client_result(model))``, without the dense copies."""
         if result.device_id in self.devices:
             raise ValueError(f"device {result.device_id!r} is already in this accumulator")

@@ -269,7 +269,7 @@ def sparse_vote_merge(
 
     ``client_masks[i]`` must hold a mask for every masked tensor. ``combine(values, masks or
     None, num_examples, global)`` replaces the (masked) weighted mean, e.g. by a robust
-    statistic (``fleet.robust``); None keeps the mean. Returns ``(weights, masks)``.
+    statistic (``fleet.strategies.robust``); None keeps the mean. Returns ``(weights, masks)``.
     """
     if not client_weights:
         raise ValueError("sparse_vote_merge needs at least one client")

@@ -3,7 +3,7 @@
 A strategy only *configures* a round (which devices, which local settings, which algorithm flags)
 and *aggregates* the devices' results into the next global model (Flower's Strategy split, DESIGN
 section 10, example 1). The round loop, deadlines, transport, validation of the wire format and
-checkpointing live in ``fleet.runner``, which knows nothing about the algorithm.
+checkpointing live in ``fleet.runtime.runner``, which knows nothing about the algorithm.
 
 Everything is numpy, keyed by ``state_dict`` names: weights are float32, masks are bool and exist
 only for pruned tensors (True = kept). "Density" is always the kept fraction.

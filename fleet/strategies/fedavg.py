@@ -22,7 +22,6 @@ import numpy.typing as npt
 
 from device.errors import ConfigError
 from device.wire.messages import InitialPruneResult, LocalTraining, ValueDType
-from fleet.robust import RobustOptions, clip_results
 from fleet.strategies.aggregate import apply_masks, momentum_step, weighted_mean
 from fleet.strategies.base import (
     Candidate,
@@ -39,6 +38,7 @@ from fleet.strategies.base import (
     require_masks_equal,
     select_uniform,
 )
+from fleet.strategies.robust import RobustOptions, clip_results
 
 __all__ = [
     "FedAvg",
@@ -56,8 +56,8 @@ class FedAvgOptions:
 
     ``clients_per_round``: updates aggregated per round (the FedDST paper's MNIST setting: 20);
     ``training``: local SGD settings sent to devices; ``upload_dtype``: value encoding of updates;
-    ``robust``: clipping and trimmed mean / median (``fleet.robust``; a mapping of its fields
-    is accepted, as configs give it; off by default).
+    ``robust``: clipping and trimmed mean / median (``fleet.strategies.robust``; a mapping of its
+    fields is accepted, as configs give it; off by default).
     """
 
     clients_per_round: int = 20
@@ -105,8 +105,8 @@ def robust_fedavg_weights(
     model: GlobalModel, results: Sequence[ClientResult], robust: RobustOptions
 ) -> dict[str, FloatArray]:
     """``fedavg_weights`` after clipping each result, or the coordinate-wise trimmed mean or
-    median instead of the mean (``fleet.robust``); exactly ``fedavg_weights`` when ``robust``
-    is off."""
+    median instead of the mean (``fleet.strategies.robust``); exactly ``fedavg_weights`` when
+    ``robust`` is off."""
     results = clip_results(model, results, robust.clip_norm)
     combiner = robust.combiner()
     if combiner is None:

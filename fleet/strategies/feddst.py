@@ -43,7 +43,6 @@ from device.wire.messages import (
     Readjust,
     ValueDType,
 )
-from fleet.robust import RobustOptions, clip_results
 from fleet.strategies.aggregate import sparse_vote_merge
 from fleet.strategies.base import (
     Candidate,
@@ -59,6 +58,7 @@ from fleet.strategies.base import (
     require_masks_keep_nnz,
     select_uniform,
 )
+from fleet.strategies.robust import RobustOptions, clip_results
 
 __all__ = ["FedDST", "FedDSTOptions"]
 
@@ -77,7 +77,8 @@ class FedDSTOptions:
     for growth (0 = the last local epoch). ``grow``: gradient (RigL) or random (SET).
     ``min_votes`` >= 1: devices that must hold a coordinate for it to stay a candidate.
     ``fill_to_budget``: module docstring. ``robust``: clipping and trimmed mean / median over
-    each coordinate's holders instead of their weighted mean (``fleet.robust``; off by default).
+    each coordinate's holders instead of their weighted mean (``fleet.strategies.robust``; off by
+    default).
     """
 
     clients_per_round: int = 20

@@ -87,7 +87,7 @@ def broker_factory(tmp_path: Path) -> Iterator[BrokerFactory]:
     """``broker_factory(accounts={user: password})``: a mosquitto on a free loopback port that
     accepts only those accounts (no ACL); stopped after the test."""
     require_mosquitto()
-    from fleet.enroll import set_password
+    from fleet.ops.enroll import set_password
 
     brokers: list[MosquittoBroker] = []
 

@@ -1,7 +1,7 @@
 """The mosquitto_broker role, converged into a scratch root and then run for real.
 
 The role's configuration must be broker/mosquitto.prod.conf (the reviewed one) with this host's
-paths and ports, and its ACL exactly what ``fleet.enroll.render_acl`` writes; re-running it must
+paths and ports, and its ACL exactly what ``fleet.ops.enroll.render_acl`` writes; re-running it must
 not rehash the fleet manager's password (changed=0); and a mosquitto started on the rendered
 files must let in the fleet manager and an enrolled device, over TLS where the device listeners
 are, and nobody else.
@@ -30,8 +30,8 @@ from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.reasoncodes import ReasonCode
 
 from device.wire.broker import find_mosquitto, free_port, is_listening
-from fleet.certs import init_ca, issue, issue_server
-from fleet.enroll import enroll, render_acl
+from fleet.ops.certs import init_ca, issue, issue_server
+from fleet.ops.enroll import enroll, render_acl
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 

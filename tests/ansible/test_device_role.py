@@ -35,8 +35,8 @@ from ansible_harness import (
 from device import __version__
 from device.settings import load_device_config
 from device.wire.broker import MosquittoBroker
-from fleet.enroll import set_password
-from fleet.health import wait_for_version_result
+from fleet.ops.enroll import set_password
+from fleet.ops.health import wait_for_version_result
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 

@@ -27,7 +27,7 @@ from paho.mqtt.reasoncodes import ReasonCode
 
 from device import __version__
 from device.wire.broker import MosquittoBroker
-from fleet.enroll import ensure_acl, set_password
+from fleet.ops.enroll import ensure_acl, set_password
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 

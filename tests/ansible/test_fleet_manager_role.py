@@ -68,7 +68,7 @@ def test_fleet_manager_role_installs_the_fleet_command_idempotently(
     assert __version__ in fleet.stdout
     # rollout.yml runs the health check with this Python.
     health = subprocess.run(
-        [str(venv / "bin/python"), "-m", "fleet.health", "--help"],
+        [str(venv / "bin/python"), "-m", "fleet.ops.health", "--help"],
         capture_output=True,
         text=True,
         timeout=120,

@@ -1,4 +1,4 @@
-"""``fleet.health``: the rollout's health check, against a real mosquitto.
+"""``fleet.ops.health``: the rollout's health check, against a real mosquitto.
 
 A rolling upgrade is only as safe as this check: it must pass only when the device is back
 online with the new version, wait through the restart (old retained status first, new birth
@@ -22,7 +22,7 @@ from device.wire import envelope
 from device.wire.broker import MosquittoBroker, free_port
 from device.wire.messages import DeviceStatus, Envelope, JobEvent, JobState
 from device.wire.topics import Topics
-from fleet.health import main, wait_for_version, wait_for_version_result
+from fleet.ops.health import main, wait_for_version, wait_for_version_result
 
 pytestmark = pytest.mark.integration
 
@@ -206,7 +206,7 @@ def test_bad_arguments_raise_value_error() -> None:
 def test_cli_exit_codes_and_password_file(
     broker_factory: BrokerFactory, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    """``python -m fleet.health`` is what rollout.yml runs: 0 healthy, 1 not, 2 usage error;
+    """``python -m fleet.ops.health`` is what rollout.yml runs: 0 healthy, 1 not, 2 usage error;
     the password comes from a file, never from the command line."""
     broker = broker_factory({**PUBLISHER, "watcher": "w"})
     publish_status(broker, "pi-11", version="1.5.0")
@@ -224,12 +224,12 @@ def test_cli_exit_codes_and_password_file(
 
 
 def test_module_entry_point_runs(broker_factory: BrokerFactory) -> None:
-    """The exact form the playbook uses: a subprocess ``python -m fleet.health``."""
+    """The exact form the playbook uses: a subprocess ``python -m fleet.ops.health``."""
     broker = broker_factory({**PUBLISHER, "watcher": "w"})
     publish_status(broker, "pi-12", version="1.0.0")
     proc = subprocess.run(
         [
-            *(sys.executable, "-m", "fleet.health", "--host", broker.host),
+            *(sys.executable, "-m", "fleet.ops.health", "--host", broker.host),
             *("--port", str(broker.port), "--device", "pi-12", "--version", "2.0.0"),
             *("--timeout", "0.5", "--username", "watcher", "--password-file", "/dev/null"),
         ],

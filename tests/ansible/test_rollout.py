@@ -4,7 +4,7 @@ The devices are ``ansible_connection=local`` hosts with their own roots and agen
 systemd the role's restart handler runs ``fixtures/restart_agent.py``, which restarts the agent
 from the rendered unit's ExecStart line as systemd would. The fleet host is this machine: the
 real ``fleet`` command drains and uncordons the devices in a scratch state directory, and
-``python -m fleet.health`` watches a real mosquitto.
+``python -m fleet.ops.health`` watches a real mosquitto.
 
 One scenario, because each phase needs the previous one: install the old version everywhere;
 roll out the new one while the second device is misconfigured so that it never comes back (the
@@ -40,10 +40,10 @@ from ansible_harness import (
 from device import __version__
 from device.wire.broker import MosquittoBroker, free_port
 from device.wire.messages import DeviceStatus
-from fleet.enroll import generate_password
-from fleet.health import wait_for_version
-from fleet.registry import DeviceRegistry
-from fleet.store import Store
+from fleet.ops.enroll import generate_password
+from fleet.ops.health import wait_for_version
+from fleet.ops.registry import DeviceRegistry
+from fleet.state.store import Store
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1800)]
 

@@ -26,7 +26,7 @@ from ansible_harness import (
 from device import __version__
 from device.settings import load_device_config
 from device.wire.broker import free_port, is_listening
-from fleet.certs import init_ca, issue
+from fleet.ops.certs import init_ca, issue
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 

@@ -13,8 +13,8 @@ from click.testing import CliRunner, Result
 
 from device.wire.messages import DeviceStatus, Hardware
 from fleet.cli import cli
-from fleet.registry import DeviceRegistry
-from fleet.store import Store
+from fleet.ops.registry import DeviceRegistry
+from fleet.state.store import Store
 
 TINY_RUN = """\
 run:

@@ -14,7 +14,7 @@ import pytest
 
 from device.errors import BrokerUnavailableError
 from device.wire.broker import find_mosquitto, free_port, is_listening
-from fleet.local_broker import LocalBroker
+from fleet.ops.local_broker import LocalBroker
 from tests.cli.helpers import Fleet, error_line
 
 
@@ -62,7 +62,7 @@ def test_the_local_broker_is_the_default_for_other_commands(local: Fleet) -> Non
     _require_mosquitto()
     port = free_port()
     assert local("broker", "start", "--port", str(port)).exit_code == 0
-    from fleet.cli import Env
+    from fleet.cli.main import Env
 
     env = Env(state_dir=local.state_dir, broker=None, verbose=0, console=None)
     assert env.broker_url() == (f"mqtt://127.0.0.1:{port}", "the local broker")

@@ -74,7 +74,7 @@ def test_negative_worker_count_is_a_usage_error(fleet: Fleet) -> None:
 
 def test_aggregator_run_help_lists_its_options(fleet: Fleet) -> None:
     """`fleet aggregator run --help` works and documents the options that mirror
-    `python -m fleet.aggregator run`."""
+    `python -m fleet.runtime.aggregator run`."""
     result = fleet("aggregator", "run", "--help")
     assert result.exit_code == 0, result.output
     for option in (
@@ -108,7 +108,7 @@ def _worker_processes(state_dir: Path) -> list[int]:
             args = cmdline.read_bytes().split(b"\0")
         except OSError:
             continue  # exited meanwhile
-        if b"fleet.aggregator" in args and str(state_dir.resolve()).encode() in args:
+        if b"fleet.runtime.aggregator" in args and str(state_dir.resolve()).encode() in args:
             pids.append(int(cmdline.parent.name))
     return pids
 

@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 from device.errors import ConfigError
-from fleet.config import (
+from fleet.cli.runfile import (
     check_run_id,
     default_run_id,
     demo_config,

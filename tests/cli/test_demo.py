@@ -10,8 +10,8 @@ import pytest
 
 from device.errors import BrokerUnavailableError
 from device.wire.broker import find_mosquitto
-from fleet.cli import find_mnist
-from fleet.store import RunStatus, Store
+from fleet.cli.main import find_mnist
+from fleet.state.store import RunStatus, Store
 from tests.cli.helpers import Fleet, error_line
 
 

@@ -10,11 +10,10 @@ from pathlib import Path
 import pytest
 from rich.console import Console
 
-from fleet import render
-from fleet.cli import job_states
-from fleet.registry import DeviceCounters, DeviceInfo, DeviceRegistry
-from fleet.runner import RunSpec
-from fleet.store import RunStatus, Store
+from fleet.cli.main import job_states, render
+from fleet.ops.registry import DeviceCounters, DeviceInfo, DeviceRegistry
+from fleet.runtime.runner import RunSpec
+from fleet.state.store import RunStatus, Store
 from tests.cli.helpers import Fleet, add_device, error_line
 
 
@@ -140,7 +139,7 @@ def test_certs_init_ca_issue_and_server(fleet: Fleet, tmp_path: Path) -> None:
     assert stat.S_IMODE((pki / "devices" / "pi-1.key").stat().st_mode) == 0o600
     assert fleet("certs", "server", "localhost", "127.0.0.1", "--pki", pki).exit_code == 0
     assert (pki / "server.crt").is_file()
-    from fleet.certs import load_certificate
+    from fleet.ops.certs import load_certificate
 
     cert = load_certificate(pki / "devices" / "pi-1.crt")
     assert cert.subject.rfc4514_string() == "CN=pi-1"
@@ -213,7 +212,7 @@ def test_status_watch_refreshes_until_ctrl_c(three: Fleet, monkeypatch: pytest.M
         if len(calls) == 2:
             raise KeyboardInterrupt
 
-    monkeypatch.setattr("fleet.render.time.sleep", fake_sleep)
+    monkeypatch.setattr("fleet.cli.render.time.sleep", fake_sleep)
     result = three("status", "--watch", "--interval", "0.5")
     assert result.exit_code == 0
     assert calls == [0.5, 0.5]

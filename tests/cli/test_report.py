@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 
 from fleet.report import build_figures, load_series, markdown, write_report
-from fleet.runner import RunSpec
-from fleet.store import RunStatus, Store
+from fleet.runtime.runner import RunSpec
+from fleet.state.store import RunStatus, Store
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 

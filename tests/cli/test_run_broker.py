@@ -21,9 +21,9 @@ from device.data import Dataset
 from device.errors import BrokerUnavailableError
 from device.wire.broker import MosquittoBroker, find_mosquitto, free_port
 from device.wire.mqtt import MqttTransport
-from fleet.run_control import RunFiles
-from fleet.sim import PartitionedData, SimSpec
-from fleet.store import RunStatus, Store
+from fleet.runtime.run_control import RunFiles
+from fleet.sim.core import PartitionedData, SimSpec
+from fleet.state.store import RunStatus, Store
 from tests.cli.helpers import Fleet, error_line
 
 pytestmark = pytest.mark.integration

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from fleet.run_control import RunFiles
-from fleet.store import RunStatus, Store
+from fleet.runtime.run_control import RunFiles
+from fleet.state.store import RunStatus, Store
 from tests.cli.helpers import Fleet, error_line
 
 
@@ -117,7 +117,7 @@ def test_run_report_writes_markdown_and_pngs(populated: Fleet, tmp_path: Path) -
 
 def _fake_running(fleet: Fleet, run_id: str = "live") -> None:
     """A run in status 'running', as if a `fleet run start` process were running it."""
-    from fleet.runner import RunSpec
+    from fleet.runtime.runner import RunSpec
 
     spec = RunSpec(
         run_id=run_id, model_name="mlp", strategy="fedavg", rounds=3, clients_per_round=1

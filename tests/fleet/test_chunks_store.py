@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from fleet.store import SCHEMA_VERSION, ChunkKey, Store
+from fleet.state.store import SCHEMA_VERSION, ChunkKey, Store
 
 RUN = "r"
 PAYLOAD = bytes(range(256)) * 9 + b"tail"  # 2308 B: 5 chunks of 500 B, the last 308 B

@@ -53,8 +53,8 @@ from device.wire.messages import (
 from device.wire.pb import sparsefleet_pb2 as pb
 from device.wire.topics import Topics
 from device.wire.transport import Message
-from fleet.runner import Runner, RunSpec, _RoundState
-from fleet.store import Store
+from fleet.runtime.runner import Runner, RunSpec, _RoundState
+from fleet.state.store import Store
 from fleet.strategies.base import GlobalModel
 
 RUN = "fz"
@@ -112,7 +112,7 @@ def _one_thread() -> None:
 
 def _models() -> dict[str, GlobalModel]:
     """The mlp's initial global model, dense (FedAvg) and with FedDST's masks."""
-    from fleet.runner import initial_weights
+    from fleet.runtime.runner import initial_weights
     from fleet.strategies import create_strategy
 
     weights, prunable = initial_weights("mlp", 0)
@@ -454,7 +454,7 @@ def handler(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Handler]
     store.open_round(RUN, 1, selected=list(SELECTED), deadline=deadline, model_version_in=0)
     records: list[logging.LogRecord] = []
     capture = _Errors(records)
-    logger = logging.getLogger("fleet.runner")
+    logger = logging.getLogger("fleet.runtime.runner")
     logger.addHandler(capture)
     try:
         yield Handler(runner, _RoundState(1, SELECTED, deadline), transport, store, records)
@@ -538,7 +538,7 @@ def test_an_update_before_the_model_exists_waits_for_the_first_round(tmp_path: P
     transport = MemoryTransport(MemoryBroker(), "fleet-manager")
     records: list[logging.LogRecord] = []
     capture = _Errors(records)
-    logging.getLogger("fleet.runner").addHandler(capture)
+    logging.getLogger("fleet.runtime.runner").addHandler(capture)
     try:
         with Store(tmp_path) as store:
             runner = Runner(spec, transport, store)
@@ -550,5 +550,5 @@ def test_an_update_before_the_model_exists_waits_for_the_first_round(tmp_path: P
             assert transport.acked == 0
             assert store.rejection_counts() == {}
     finally:
-        logging.getLogger("fleet.runner").removeHandler(capture)
+        logging.getLogger("fleet.runtime.runner").removeHandler(capture)
     assert not records

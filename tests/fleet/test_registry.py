@@ -15,7 +15,7 @@ import pytest
 
 from device.errors import NotFoundError
 from device.wire.messages import DeviceProfile, DeviceStatus, Hardware, LayerProfile, ProfilePoint
-from fleet.registry import (
+from fleet.ops.registry import (
     DeviceInfo,
     DeviceRegistry,
     parse_tag_selector,
@@ -23,7 +23,7 @@ from fleet.registry import (
     profile_to_json,
     status_supersedes,
 )
-from fleet.store import Store
+from fleet.state.store import Store
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 T0 = 1_700_000_000.0
@@ -280,8 +280,8 @@ def test_another_process_sees_the_registry(registry: DeviceRegistry, store: Stor
     registry.cordon("d1")
     code = f"""
         import json
-        from fleet.registry import DeviceRegistry
-        from fleet.store import Store
+        from fleet.ops.registry import DeviceRegistry
+        from fleet.state.store import Store
         reg = DeviceRegistry(Store({str(store.root)!r}, create=False))
         print(json.dumps([[d.device_id, d.online, d.cordoned, d.session_epoch, dict(d.tags)]
                           for d in reg.devices()]))

@@ -20,17 +20,8 @@ from device.wire.codec import KnownMask, SparseTensor
 from device.wire.memory import MemoryBroker, MemoryTransport
 from device.wire.messages import DeviceUpdate, InitialPruneResult, ValueDType
 from device.wire.topics import Topics
-from fleet import robust
-from fleet.robust import (
-    RobustOptions,
-    clip_result,
-    clip_scale,
-    coordinate_median,
-    delta_norm,
-    trimmed_mean,
-)
-from fleet.runner import RoundReport, Runner, RunSpec
-from fleet.sim import (
+from fleet.runtime.runner import RoundReport, Runner, RunSpec
+from fleet.sim.core import (
     PartitionedData,
     SimSpec,
     SimulatedAgent,
@@ -38,9 +29,17 @@ from fleet.sim import (
     make_evaluator,
     partition_lookup,
 )
-from fleet.store import Store
-from fleet.strategies import create_strategy
+from fleet.state.store import Store
+from fleet.strategies import create_strategy, robust
 from fleet.strategies.base import ClientResult, GlobalModel
+from fleet.strategies.robust import (
+    RobustOptions,
+    clip_result,
+    clip_scale,
+    coordinate_median,
+    delta_norm,
+    trimmed_mean,
+)
 
 
 @pytest.fixture(autouse=True)
@@ -285,7 +284,7 @@ def test_fedavg_robust_methods_ignore_one_extreme_device(method: str) -> None:
 def test_feddst_trimmed_mean_over_holders_and_clipping_keep_the_budget() -> None:
     """FedDST with robust options: the outlier is trimmed per coordinate, the mask still keeps
     exactly the budget, and nothing is non-zero outside it."""
-    from fleet.runner import initial_weights
+    from fleet.runtime.runner import initial_weights
 
     weights, prunable = initial_weights("mlp", 0)
     options = {"clients_per_round": 6, "density": 0.3}

@@ -18,17 +18,17 @@ from device.wire.codec import SparseTensor
 from device.wire.memory import MemoryBroker, MemoryTransport
 from device.wire.messages import DeviceUpdate, Envelope
 from device.wire.topics import Topics
-from fleet.runner import Runner, RunSpec
-from fleet.sim import (
+from fleet.runtime.runner import Runner, RunSpec
+from fleet.sim import simulate
+from fleet.sim.core import (
     Faults,
     PartitionedData,
     SimSpec,
     fault_plan,
     partition_lookup,
-    simulate,
     start_agents,
 )
-from fleet.store import Store
+from fleet.state.store import Store
 
 TRAINING = {"epochs": 2, "batch_size": 32, "lr": 0.05}
 # Chance on the 10 digit classes is 0.1; a federated mlp that learns anything useful clears 0.6

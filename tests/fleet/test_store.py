@@ -23,7 +23,7 @@ import numpy.typing as npt
 import pytest
 
 from device.errors import DataError, NotFoundError
-from fleet.store import (
+from fleet.state.store import (
     MIGRATIONS,
     SCHEMA_VERSION,
     Migration,
@@ -503,7 +503,7 @@ def test_reader_in_another_process_sees_committed_rows_while_a_write_is_open(
         result = run_python(
             f"""
             import json
-            from fleet.store import Store
+            from fleet.state.store import Store
             s = Store({str(store.root)!r}, create=False, busy_timeout_s=0.5)
             print(json.dumps({{
                 "runs": [r.run_id for r in s.list_runs()],

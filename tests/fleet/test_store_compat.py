@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy.typing as npt
 
-from fleet.store import Store
+from fleet.state.store import Store
 
 FIXTURES = Path(__file__).parent / "fixtures"
 

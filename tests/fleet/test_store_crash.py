@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from fleet.store import RoundStatus, Store, UpdateStatus
+from fleet.state.store import RoundStatus, Store, UpdateStatus
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 RUN = "crash"
@@ -43,7 +43,7 @@ RECORD_LOOP = (
     PAYLOAD
     + """
 import sys
-from fleet.store import Store
+from fleet.state.store import Store
 store = Store(sys.argv[1])
 print("ready", flush=True)
 for i in range(int(sys.argv[2])):
@@ -58,7 +58,7 @@ ROUND_LOOP = (
     PAYLOAD
     + """
 import sys
-from fleet.store import Store
+from fleet.state.store import Store
 store = Store(sys.argv[1])
 last_round = int(sys.argv[2])
 print("ready", flush=True)

@@ -21,7 +21,7 @@ from fleet.strategies import create_strategy
 from fleet.strategies.accumulate import Accumulator
 from fleet.strategies.base import ClientResult, GlobalModel, Strategy
 from fleet.strategies.fedavg import FedAvg
-from fleet.validate import ModelIndex, SparseResult, check_sparse, reconstruct
+from fleet.strategies.validate import ModelIndex, SparseResult, check_sparse, reconstruct
 
 STRATEGIES = ["fedavg", "fedavgm", "prunefl", "feddst"]
 SHAPES = {"conv.weight": (6, 5), "fc.weight": (4, 7), "fc.bias": (4,)}

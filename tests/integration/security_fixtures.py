@@ -56,8 +56,8 @@ from paho.mqtt.reasoncodes import ReasonCode
 from device.errors import BrokerUnavailableError
 from device.wire.broker import find_mosquitto, free_port, is_listening
 from device.wire.mqtt import MqttTransport, TlsSettings
-from fleet import certs
-from fleet.enroll import Credentials, enroll, enroll_fleet_manager, ensure_acl
+from fleet.ops import certs
+from fleet.ops.enroll import Credentials, enroll, enroll_fleet_manager, ensure_acl
 
 REPO = Path(__file__).resolve().parents[2]
 DEV_CONFIG = REPO / "broker" / "mosquitto.conf"
@@ -345,7 +345,7 @@ class SecureBroker:
         return TlsSettings(ca_file=str(self.ca_file))
 
     def issue(self, device_id: str, **kwargs: Any) -> certs.CertFiles:
-        """A client certificate from the broker's CA (``fleet.certs.issue`` keywords)."""
+        """A client certificate from the broker's CA (``fleet.ops.certs.issue`` keywords)."""
         return certs.issue(self.pki, device_id, **kwargs)
 
     def device_tls(self, device_id: str) -> TlsSettings:
@@ -399,7 +399,8 @@ class SecureBroker:
 @pytest.fixture(scope="module", name="secure_broker")
 def secure_broker_fixture(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SecureBroker]:
     """``broker/mosquitto.prod.conf`` on free loopback ports, with a CA, a server certificate,
-    the ACL from ``fleet.enroll`` and accounts for the fleet manager, ``dev-a`` and ``dev-b``."""
+    the ACL from ``fleet.ops.enroll`` and accounts for the fleet manager, ``dev-a`` and
+    ``dev-b``."""
     require_mosquitto()
     root = tmp_path_factory.mktemp("secure-broker")
     etc = root / "etc"

@@ -27,10 +27,10 @@ from device.agent import AgentOptions, DeviceAgent
 from device.errors import BrokerUnavailableError
 from device.wire.broker import MosquittoBroker, find_mosquitto
 from device.wire.mqtt import MqttTransport
-from fleet.aggregator import Coordinator, LocalWorkers
-from fleet.runner import RoundReport, Runner, RunSpec
-from fleet.sim import PartitionedData, SimSpec, device_ids, partition_lookup
-from fleet.store import Store
+from fleet.runtime.aggregator import Coordinator, LocalWorkers
+from fleet.runtime.runner import RoundReport, Runner, RunSpec
+from fleet.sim.core import PartitionedData, SimSpec, device_ids, partition_lookup
+from fleet.state.store import Store
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
 

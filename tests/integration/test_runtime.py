@@ -26,9 +26,10 @@ import torch
 from device.agent import AgentOptions, DeviceAgent
 from device.wire.broker import MosquittoBroker
 from device.wire.mqtt import MqttTransport
-from fleet.runner import RoundReport, Runner, RunSpec
-from fleet.sim import PartitionedData, SimSpec, device_ids, partition_lookup, simulate
-from fleet.store import Store
+from fleet.runtime.runner import RoundReport, Runner, RunSpec
+from fleet.sim import simulate
+from fleet.sim.core import PartitionedData, SimSpec, device_ids, partition_lookup
+from fleet.state.store import Store
 
 pytestmark = pytest.mark.integration
 
@@ -154,9 +155,9 @@ FLEET_MANAGER = """
 import json, sys, torch
 from pathlib import Path
 from device.wire.mqtt import MqttTransport
-from fleet.runner import Runner, RunSpec
-from fleet.sim import partition_lookup
-from fleet.store import Store
+from fleet.runtime.runner import Runner, RunSpec
+from fleet.sim.core import partition_lookup
+from fleet.state.store import Store
 torch.set_num_threads(1)
 spec = RunSpec.from_json(json.loads(sys.argv[1]))
 host, port, store_dir, devices = sys.argv[2], int(sys.argv[3]), Path(sys.argv[4]), int(sys.argv[5])

@@ -10,7 +10,7 @@ Non-delivery without long sleeps: mosquitto handles one client's messages in ord
 message for every subscriber at once, so once a later, permitted message has reached a client,
 an earlier forbidden one would have reached it before, if it were delivered at all.
 
-The first section tests ``fleet.certs`` and ``fleet.enroll`` without a broker.
+The first section tests ``fleet.ops.certs`` and ``fleet.ops.enroll`` without a broker.
 """
 
 from __future__ import annotations
@@ -31,8 +31,8 @@ from device.errors import BrokerUnavailableError, ConfigError, NotFoundError
 from device.wire.broker import free_port
 from device.wire.mqtt import MqttTransport, TlsSettings
 from device.wire.topics import Topics, chunk_topic, topic_matches
-from fleet import certs
-from fleet.enroll import (
+from fleet.ops import certs
+from fleet.ops.enroll import (
     acl_rules,
     enroll,
     enroll_fleet_manager,
@@ -87,7 +87,8 @@ def _raw_rest(client: RawClient, timeout_s: float = 0.05) -> list[str]:
     return out
 
 
-# ==== fleet.certs and fleet.enroll, no broker ====================================================
+# ==== fleet.ops.certs and fleet.ops.enroll, no broker
+# ====================================================
 
 
 @pytest.mark.parametrize(
@@ -577,15 +578,15 @@ def test_mosquitto_pub_with_a_wrong_password_is_refused(secure_broker: SecureBro
 @pytest.mark.integration
 def test_dev_config_runs_with_password_auth_and_the_acl(tmp_path: Path) -> None:
     """broker/mosquitto.conf as shipped (only its port changed), with accounts and ACL made by
-    fleet.enroll in the places it names: devices log in with passwords, the ACL holds, and
+    fleet.ops.enroll in the places it names: devices log in with passwords, the ACL holds, and
     anonymous clients are refused."""
     state = tmp_path / ".sparsefleet" / "broker"
     acl = state / "acl"
     fleet = enroll_fleet_manager(
         password_file=state / "passwd", secrets_file=tmp_path / "fm.pw", acl_file=acl
     )
-    # The device's entry is hashed by fleet.enroll itself, the fleet manager's by mosquitto_passwd
-    # (when installed): the broker must accept both.
+    # The device's entry is hashed by fleet.ops.enroll itself, the fleet manager's by
+    # mosquitto_passwd (when installed): the broker must accept both.
     dev = enroll(
         "dev-a", password_file=state / "passwd", secrets_file=tmp_path / "a.pw", use_binary=False
     )

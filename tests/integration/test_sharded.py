@@ -23,9 +23,9 @@ from device.wire.codec import SparseTensor, model_digest
 from device.wire.messages import DeviceUpdate, Envelope
 from device.wire.mqtt import MqttTransport
 from device.wire.topics import Topics
-from fleet.aggregator import Coordinator, RoundContext, start_workers
-from fleet.runner import RunSpec
-from fleet.store import Store
+from fleet.runtime.aggregator import Coordinator, RoundContext, start_workers
+from fleet.runtime.runner import RunSpec
+from fleet.state.store import Store
 from fleet.strategies import create_strategy
 from fleet.strategies.accumulate import aggregate_exact
 from fleet.strategies.base import GlobalModel
@@ -162,7 +162,7 @@ def _reference() -> GlobalModel:
     strategy.load_state_dict({"budget/conv.weight": np.array(KEPT, dtype=np.int64)})
     ctx_results = []
     digest = model_digest(model.weights, model.masks)
-    from fleet.validate import reconstruct
+    from fleet.strategies.validate import reconstruct
 
     for device_id, payload in _updates(model).items():
         body = envelope.decode(payload).body

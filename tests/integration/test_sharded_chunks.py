@@ -19,8 +19,8 @@ from device.wire.broker import MosquittoBroker
 from device.wire.chunking import plan_publish
 from device.wire.mqtt import MqttTransport
 from device.wire.topics import Topics
-from fleet.aggregator import AggregatorWorker
-from fleet.store import Store
+from fleet.runtime.aggregator import AggregatorWorker
+from fleet.state.store import Store
 from tests.integration.conftest import BrokerFactory
 from tests.integration.test_sharded import (
     DEVICES,

@@ -19,9 +19,10 @@ import torch
 
 from device.wire.mqtt import MqttTransport
 from device.wire.topics import Topics
-from fleet.runner import Runner, RunSpec
-from fleet.sim import PartitionedData, SimSpec, device_ids, partition_lookup, simulate, start_agents
-from fleet.store import Store
+from fleet.runtime.runner import Runner, RunSpec
+from fleet.sim import simulate
+from fleet.sim.core import PartitionedData, SimSpec, device_ids, partition_lookup, start_agents
+from fleet.state.store import Store
 from tests.integration.security_fixtures import (
     SecureBroker,
     SecureClients,

@@ -55,8 +55,8 @@ from device.wire.mqtt import MqttTransport
 from device.wire.pb import sparsefleet_pb2 as pb
 from device.wire.topics import Topics, chunk_topic
 from device.wire.transport import Transport
-from fleet.runner import RoundReport, Runner, RunSpec, initial_weights
-from fleet.sim import (
+from fleet.runtime.runner import RoundReport, Runner, RunSpec, initial_weights
+from fleet.sim.core import (
     Faults,
     PartitionedData,
     SimSpec,
@@ -65,10 +65,10 @@ from fleet.sim import (
     partition_lookup,
     start_agents,
 )
-from fleet.store import Store
+from fleet.state.store import Store
 from fleet.strategies import create_strategy
 from fleet.strategies.base import GlobalModel
-from fleet.validate import Expectation, check_routing, reconstruct
+from fleet.strategies.validate import Expectation, check_routing, reconstruct
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(240)]
 
@@ -398,7 +398,7 @@ def run_with_forger(
             forger.publish(topic, payload)
 
     capture = _Capture()
-    loggers = [logging.getLogger("fleet.runner"), logging.getLogger("device.wire.chunking")]
+    loggers = [logging.getLogger("fleet.runtime.runner"), logging.getLogger("device.wire.chunking")]
     for logger in loggers:
         logger.addHandler(capture)
     agents = start_agents(
@@ -443,7 +443,7 @@ def run_with_forger(
         store.close()
     for record in capture.records:
         message = record.getMessage()
-        if record.name == "fleet.runner" and message.startswith("rejected update from"):
+        if record.name == "fleet.runtime.runner" and message.startswith("rejected update from"):
             args = tuple(record.args or ())  # (device, round, error, reason)
             out.logged[(str(args[0]), str(args[3]))] += 1
         elif record.name == "device.wire.chunking":

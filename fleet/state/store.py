@@ -427,9 +427,9 @@ def _split_sql(script: str) -> list[str]:
     return [s.strip() for s in "\n".join(lines).split(";") if s.strip()]
 
 
-# Version 2: chunks of updates split over sharded aggregator workers (fleet.aggregator), stored
-# until one worker holds them all. ``chunk_sets`` holds each transfer's manifest, ``chunks`` its
-# pieces; both are keyed by (run, round, device, SHA-256 of the whole payload) and the first
+# Version 2: chunks of updates split over sharded aggregator workers (fleet.runtime.aggregator),
+# stored until one worker holds them all. ``chunk_sets`` holds each transfer's manifest, ``chunks``
+# its pieces; both are keyed by (run, round, device, SHA-256 of the whole payload) and the first
 # write of a key wins. No foreign keys: rows are purged independently of rounds.
 _SCHEMA_V2 = """
 CREATE TABLE chunk_sets (

@@ -1,8 +1,9 @@
 """Robust aggregation, optional per run: per-update norm clipping and coordinate-wise trimmed mean
 or median over the active coordinates.
 
-Validation (``fleet.validate``) refuses malformed updates; a well-formed malicious one (a device
-that scales its delta by 100, say) passes it. These functions bound what such an update can do:
+Validation (``fleet.strategies.validate``) refuses malformed updates; a well-formed malicious one
+(a device that scales its delta by 100, say) passes it. These functions bound what such an update
+can do:
 
 - **Clipping** (``clip_norm`` = C): each device's delta ``d_i = w_i - g`` on its own mask is scaled
   by ``min(1, C / ||d_i||)`` (L2 norm over all tensors together) before aggregation. With the
@@ -22,7 +23,7 @@ that scales its delta by 100, say) passes it. These functions bound what such an
 ``RobustOptions`` is the ``robust`` option of the fedavg, fedavgm and feddst strategies
 (``robust: {clip_norm: 5.0, method: trimmed_mean, trim_fraction: 0.1}`` in a run's
 ``strategy_options``); the default (no clipping, "mean") leaves aggregation bit for bit as it was.
-The trimmed mean and the median are not sums, so sharded aggregation (``fleet.aggregator``)
+The trimmed mean and the median are not sums, so sharded aggregation (``fleet.runtime.aggregator``)
 cannot compute them. All functions are pure: inputs are not modified; sorting happens in float64,
 results are float32. Memory: at most ``devices * BLOCK`` float64 values at a time per tensor.
 """

@@ -36,11 +36,11 @@ from rich.table import Table
 from rich.text import Text
 
 from device.wire.messages import JobEvent, JobState
-from fleet.local_broker import BrokerState
-from fleet.registry import DeviceInfo
+from fleet.ops.local_broker import BrokerState
+from fleet.ops.registry import DeviceInfo
 from fleet.report import RunSeries
-from fleet.runner import RoundReport
-from fleet.store import RejectionRecord, RoundRecord, RunRecord
+from fleet.runtime.runner import RoundReport
+from fleet.state.store import RejectionRecord, RoundRecord, RunRecord
 
 __all__ = [
     "ComparisonRow",

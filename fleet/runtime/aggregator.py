@@ -1,10 +1,11 @@
 """Sharded aggregation: aggregator workers on a shared subscription and the coordinator's handover.
 
-Workers (``AggregatorWorker``, one process each, ``python -m fleet.aggregator run ...``) share
-``$share/agg/{prefix}/dev/+/up/{run}/#``, so the broker hands each update to one of them. A
-worker decodes it, validates it exactly as the runner does (``fleet.validate`` and
+Workers (``AggregatorWorker``, one process each, ``python -m fleet.runtime.aggregator run ...``)
+share ``$share/agg/{prefix}/dev/+/up/{run}/#``, so the broker hands each update to one of them. A
+worker decodes it, validates it exactly as the runner does (``fleet.strategies.validate`` and
 ``strategy.check_result``, against the open round and its input checkpoint read from the store;
-on the sparse representation, ``fleet.validate.check_sparse``: the same checks and verdicts),
+on the sparse representation, ``fleet.strategies.validate.check_sparse``: the same checks and
+verdicts),
 stores it (``Store.record_update``: SQLite WAL, ``BEGIN IMMEDIATE``, first write wins, so several
 processes share one store), acknowledges it only then, and adds it to its exact partial sums
 (``fleet.strategies.accumulate.Accumulator``).
@@ -69,11 +70,11 @@ from device.wire.messages import Chunk, ChunkManifest, DeviceUpdate
 from device.wire.mqtt import MqttTransport, TlsSettings, parse_broker_url
 from device.wire.topics import TopicKind, Topics, split_chunk_topic
 from device.wire.transport import Message, Transport
-from fleet.store import ChunkKey, ChunkOutcome, RoundRecord, Store, StoreConflictError
+from fleet.state.store import ChunkKey, ChunkOutcome, RoundRecord, Store, StoreConflictError
 from fleet.strategies import create_strategy
 from fleet.strategies.accumulate import Accumulator
 from fleet.strategies.base import ClientResult, GlobalModel, Strategy
-from fleet.validate import (
+from fleet.strategies.validate import (
     Expectation,
     ModelIndex,
     SparseResult,
@@ -295,8 +296,9 @@ class AggregatorWorker:
     def _validate(
         self, ctx: RoundContext, device_id: str, round_: int, payload: bytes
     ) -> tuple[DeviceUpdate, SparseResult]:
-        """``ctx.validate`` on the sparse representation (``fleet.validate.check_sparse``:
-        the same checks, reasons and verdicts, without the dense copies)."""
+        """``ctx.validate`` on the sparse representation
+        (``fleet.strategies.validate.check_sparse``: the same checks, reasons and verdicts,
+        without the dense copies)."""
         update = ctx.routed(device_id, self.run_id, round_, payload)
         index = self._indexes.get(ctx.round.round)
         if index is None or index.model is not ctx.model:
@@ -626,7 +628,7 @@ class BrokerLogin:
     insecure: bool = False
 
     def argv(self) -> list[str]:
-        """These settings as ``fleet.aggregator run`` options."""
+        """These settings as ``fleet.runtime.aggregator run`` options."""
         out: list[str] = []
         for flag, value in (
             ("--username", self.username),
@@ -687,7 +689,7 @@ def start_workers(
         raise ValueError(f"need at least one worker, got {count}")
     procs = []
     for i in range(first, first + count):
-        argv = [sys.executable, "-m", "fleet.aggregator", "run", "--broker", broker_url]
+        argv = [sys.executable, "-m", "fleet.runtime.aggregator", "run", "--broker", broker_url]
         argv += [
             "--state",
             str(state_dir),
@@ -860,7 +862,7 @@ def run_worker(
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m fleet.aggregator run``: one worker until SIGTERM/SIGINT. Returns the exit
+    """``python -m fleet.runtime.aggregator run``: one worker until SIGTERM/SIGINT. Returns the exit
     status (``fleet aggregator run`` is the same through the CLI)."""
     parser = argparse.ArgumentParser(prog="fleet aggregator", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)

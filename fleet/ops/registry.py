@@ -1,9 +1,9 @@
 """The device registry: who is in the fleet, who is online, and who may be given work.
 
 Built from the devices' retained status messages (births) and last wills, and persisted through
-``fleet.store.Store`` so that ``fleet devices list`` in another process sees the same state as the
-runner. Nothing is cached in memory: every read goes to SQLite, so an operator's cordon from the
-CLI takes effect at the runner's next selection.
+``fleet.state.store.Store`` so that ``fleet devices list`` in another process sees the same state
+as the runner. Nothing is cached in memory: every read goes to SQLite, so an operator's cordon
+from the CLI takes effect at the runner's next selection.
 
 Ordering of status messages. Each agent session has a ``session_epoch`` that grows from one
 session to the next. A status message is applied only if its key ``(epoch, offline)`` is at least
@@ -27,7 +27,7 @@ from typing import Any
 
 from device.errors import NotFoundError
 from device.wire.messages import DeviceProfile, DeviceStatus, Hardware, LayerProfile, ProfilePoint
-from fleet.store import DeviceRecord, Store
+from fleet.state.store import DeviceRecord, Store
 
 __all__ = [
     "DeviceCounters",

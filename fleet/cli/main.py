@@ -3,7 +3,7 @@
 The only place that turns SparseFleet errors into exit codes: ``FleetGroup.invoke`` catches every
 ``SparseFleetError`` escaping a command, prints ``fleet: error: <one line>`` on stderr and exits
 with the exception's ``exit_code`` (table in docs/cli.md). Commands raise those errors with a
-message that says what to do; everything printed goes through ``fleet.render``.
+message that says what to do; everything printed goes through ``fleet.cli.render``.
 
 State lives in one directory (``--state-dir``, default ``./.sparsefleet`` or
 ``$SPARSEFLEET_STATE``): the store (``fleet.db``, ``tensors/``), the local broker
@@ -32,9 +32,8 @@ from device.errors import BrokerUnavailableError, NotFoundError, SparseFleetErro
 from device.wire.broker import find_mosquitto, is_listening
 from device.wire.mqtt import MqttTransport, TlsSettings, parse_broker_url
 from device.wire.topics import Topics
-from fleet import render
-from fleet.aggregator import DEFAULT_GROUP, BrokerLogin, Coordinator, LocalWorkers, run_worker
-from fleet.config import (
+from fleet.cli import render
+from fleet.cli.runfile import (
     BrokerConfig,
     DataConfig,
     FleetConfig,
@@ -47,14 +46,21 @@ from fleet.config import (
     run_spec,
     sim_spec,
 )
-from fleet.local_broker import INSTALL_OPTIONS, LocalBroker
-from fleet.presence import refresh_presence
-from fleet.registry import DeviceInfo, DeviceRegistry
+from fleet.ops.local_broker import INSTALL_OPTIONS, LocalBroker
+from fleet.ops.registry import DeviceInfo, DeviceRegistry
 from fleet.report import load_series, write_report
-from fleet.run_control import RunFiles, StopRequested, StopWatcher
-from fleet.runner import ProgressCallback, RoundReport, Runner, RunSpec, check_sharding
+from fleet.runtime.aggregator import (
+    DEFAULT_GROUP,
+    BrokerLogin,
+    Coordinator,
+    LocalWorkers,
+    run_worker,
+)
+from fleet.runtime.presence import refresh_presence
+from fleet.runtime.run_control import RunFiles, StopRequested, StopWatcher
+from fleet.runtime.runner import ProgressCallback, RoundReport, Runner, RunSpec, check_sharding
 from fleet.sim import Faults, SimSpec, device_ids, make_evaluator, simulate
-from fleet.store import RunRecord, RunStatus, Store, StoreConflictError
+from fleet.state.store import RunRecord, RunStatus, Store, StoreConflictError
 
 log = logging.getLogger(__name__)
 
@@ -90,7 +96,7 @@ class Env:
     state_dir: Path
     broker: str | None  # --broker / $SPARSEFLEET_BROKER; None: the local broker or the default
     verbose: int
-    console: Any  # rich Console (typed loosely: only fleet.render knows rich)
+    console: Any  # rich Console (typed loosely: only fleet.cli.render knows rich)
 
     def store(self, *, create: bool = False) -> Store:
         """The fleet's store; for read commands (``create`` False) its absence is an error that
@@ -1173,9 +1179,9 @@ def aggregator_run(
 ) -> None:
     """Run one aggregator worker for RUN until Ctrl-C or SIGTERM.
 
-    The same as `python -m fleet.aggregator run`. It must run where the fleet manager's state
-    directory is (it stores the updates it accepts there); `fleet run start --workers K`
-    starts K of them itself.
+    The same as `python -m fleet.runtime.aggregator run`. It must run where the fleet
+    manager's state directory is (it stores the updates it accepts there); `fleet run start
+    --workers K` starts K of them itself.
     """
     url = broker_url or env.broker_url()[0]
     try:
@@ -1356,7 +1362,7 @@ def devices_enroll(
     reload_pid: int | None,
 ) -> None:
     """Give DEVICE a broker account: a random password, its hash, the ACL."""
-    from fleet.enroll import enroll, reload_broker
+    from fleet.ops.enroll import enroll, reload_broker
 
     credentials = enroll(
         device_id,
@@ -1481,7 +1487,7 @@ pki_option = click.option(
 @pass_env
 def certs_init_ca(env: Env, pki: Path | None, cn: str, days: int, force: bool) -> None:
     """Create the CA (ca.crt, and ca.key mode 0600: keep it off the broker)."""
-    from fleet.certs import init_ca
+    from fleet.ops.certs import init_ca
 
     files = init_ca(pki or env.state_dir / "pki", cn=cn, days=days, overwrite=force)
     env.console.print(f"created CA {cn!r}: {files.cert_file} and {files.key_file}")
@@ -1494,7 +1500,7 @@ def certs_init_ca(env: Env, pki: Path | None, cn: str, days: int, force: bool) -
 @pass_env
 def certs_issue(env: Env, device_id: str, pki: Path | None, days: int) -> None:
     """Issue DEVICE's client certificate (its CN is the device id)."""
-    from fleet.certs import issue
+    from fleet.ops.certs import issue
 
     files = issue(pki or env.state_dir / "pki", device_id, days=days)
     env.console.print(f"issued {device_id}: {files.cert_file} and {files.key_file} (mode 0600)")
@@ -1507,7 +1513,7 @@ def certs_issue(env: Env, device_id: str, pki: Path | None, days: int) -> None:
 @pass_env
 def certs_server(env: Env, hosts: tuple[str, ...], pki: Path | None, days: int) -> None:
     """Issue the broker's TLS certificate for HOST names and IP addresses devices dial."""
-    from fleet.certs import issue_server
+    from fleet.ops.certs import issue_server
 
     files = issue_server(pki or env.state_dir / "pki", hosts=hosts, days=days)
     env.console.print(f"issued the server certificate: {files.cert_file} and {files.key_file}")

@@ -12,11 +12,11 @@ redelivered updates are recognised as duplicates.
 
 Aggregation is exact (``fleet.strategies.accumulate.aggregate_exact``: integer partial sums), so
 the new model does not depend on the order or the split of the updates. That is what makes the
-**sharded mode** give the same bits: with a ``Coordinator`` (``fleet.aggregator``), K aggregator
-workers on a shared subscription decode, validate, store and sum the round's updates; the runner
-does not subscribe to them (only to round 0, the initial job). It learns which updates were
-accepted from the store (polled), closes the round as usual (k of n, all answered, deadline),
-and gets the new model from ``Coordinator.collect`` (the workers' partial sums, and the
+**sharded mode** give the same bits: with a ``Coordinator`` (``fleet.runtime.aggregator``), K
+aggregator workers on a shared subscription decode, validate, store and sum the round's
+updates; the runner does not subscribe to them (only to round 0, the initial job). It learns which
+updates were accepted from the store (polled), closes the round as usual (k of n, all answered,
+deadline), and gets the new model from ``Coordinator.collect`` (the workers' partial sums, and the
 coordinator's own decoding of whatever a dead worker held). An update a worker stores between
 the runner's decision to close and the close itself is dropped, as a late one would be.
 Robust aggregation (trimmed mean, median, clipping) and the "next" late policy need every update
@@ -55,14 +55,14 @@ from device.wire.messages import (
 )
 from device.wire.topics import Topics
 from device.wire.transport import Message, Transport, Will
-from fleet.aggregator import Coordinator
-from fleet.registry import DeviceRegistry
-from fleet.robust import RobustOptions
-from fleet.store import Store, StoreConflictError, UpdateRecord
+from fleet.ops.registry import DeviceRegistry
+from fleet.runtime.aggregator import Coordinator
+from fleet.state.store import Store, StoreConflictError, UpdateRecord
 from fleet.strategies import create_strategy
 from fleet.strategies.accumulate import aggregate_exact, kind_of
 from fleet.strategies.base import Candidate, ClientResult, GlobalModel, Strategy
-from fleet.validate import Expectation, check_routing, reconstruct
+from fleet.strategies.robust import RobustOptions
+from fleet.strategies.validate import Expectation, check_routing, reconstruct
 
 log = logging.getLogger(__name__)
 

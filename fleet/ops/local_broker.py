@@ -13,7 +13,7 @@ How it is started, in order of preference:
    Debian ``mosquitto`` service usually holds it);
 2. else ``docker compose -f broker/docker-compose.yml up -d`` when Docker works; that broker is
    the hardened development configuration (passwords, ACL) on 127.0.0.1:1883, so the fleet
-   manager's account is created first (``fleet.enroll``) and recorded in ``broker.json``;
+   manager's account is created first (``fleet.ops.enroll``) and recorded in ``broker.json``;
 3. else ``BrokerUnavailableError`` naming both ways to install one.
 """
 
@@ -251,7 +251,7 @@ class LocalBroker:
 
     def _start_docker(self, docker: str, compose: Path, timeout_s: float = 30.0) -> BrokerState:
         # The compose file mounts <repo>/.sparsefleet/broker (passwd, acl) next to itself.
-        from fleet.enroll import enroll_fleet_manager  # only docker mode needs accounts
+        from fleet.ops.enroll import enroll_fleet_manager  # only docker mode needs accounts
 
         repo_state = compose.parent.parent / ".sparsefleet"
         password_file = repo_state / "broker" / "passwd"

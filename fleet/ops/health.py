@@ -1,7 +1,7 @@
 """Health check for rollouts: wait until a device's retained status shows a given agent version.
 
-``rollout.yml`` calls ``python -m fleet.health`` after upgrading each batch of devices; exit code 0
-means the device came back online with the new version before the timeout, 1 that it did not
+``rollout.yml`` calls ``python -m fleet.ops.health`` after upgrading each batch of devices; exit
+code 0 means the device came back online with the new version before the timeout, 1 that it did not
 (the message says what the device last reported, or that it reported nothing), 2 a usage error.
 
 How: subscribe to ``{prefix}/dev/{device}/status`` (QoS 1) with a throw-away clean session. The
@@ -225,7 +225,7 @@ def wait_for_version(
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m fleet.health",
+        prog="python -m fleet.ops.health",
         description=(
             "Wait until a device's retained status shows it online with the given agent version. "
             "Exit 0 when it does, 1 when it does not within the timeout, 2 on a usage error."
@@ -284,7 +284,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             topics_prefix=args.prefix,
         )
     except ValueError as exc:
-        print(f"fleet.health: error: {exc}", file=sys.stderr)
+        print(f"fleet.ops.health: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     print(result.describe(), file=sys.stdout if result.ok else sys.stderr)
     return EXIT_HEALTHY if result.ok else EXIT_UNHEALTHY

@@ -2,7 +2,7 @@
 
 A run file has up to four sections (only ``run`` is required)::
 
-    run:          # what the fleet manager runs -> fleet.runner.RunSpec
+    run:          # what the fleet manager runs -> fleet.runtime.runner.RunSpec
       id: mnist-feddst          # optional; default: the file's stem and the start time
       model: mnist_cnn          # device.models registry name
       strategy: feddst          # fleet.strategies registry name
@@ -43,7 +43,7 @@ from device.models import model_names, model_spec
 from device.wire.messages import LocalTraining
 from device.wire.mqtt import TlsSettings, parse_broker_url
 from device.wire.topics import validate_prefix
-from fleet.runner import RunSpec
+from fleet.runtime.runner import RunSpec
 from fleet.sim import Faults, SimSpec
 from fleet.strategies import create_strategy, strategy_names
 
@@ -100,7 +100,7 @@ def default_run_id(stem: str, now: float | None = None) -> str:
 
 @dataclass(frozen=True)
 class RunConfig:
-    """The ``run`` section: what ``fleet.runner.RunSpec`` needs (see its docstring).
+    """The ``run`` section: what ``fleet.runtime.runner.RunSpec`` needs (see its docstring).
 
     ``rounds`` >= 1; ``clients_per_round`` (k) >= 1; ``over_select`` >= 1 (select
     ``ceil(k * over_select)`` devices); ``round_timeout_s`` > 0 seconds; ``eval_every`` >= 1

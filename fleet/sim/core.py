@@ -1,11 +1,8 @@
-"""Many simulated devices on one machine, over the in-memory broker or a real MQTT broker.
+"""What both simulations share: the spec, the partitioned data, fault injection, the agents.
 
 The devices are real ``DeviceAgent``s (the same code a Pi runs) with a data source that hands
 each one its partition of a dataset; the fleet manager is the real ``Runner``. Only the transport
-differs between ``transport="memory"`` and ``transport="mqtt"``.
-
-Over MQTT the agents are spread over a few worker processes (each agent has its own connection),
-and a local mosquitto is started on a free loopback port when no broker is given.
+differs between ``fleet.sim.memory`` and ``fleet.sim.mqtt``, and both build on this module.
 
 Fault injection (fractions of the devices, chosen with a seeded rng): devices that never answer,
 that answer late (after ``late_delay_s``), that disconnect mid-training (their connection dies
@@ -20,22 +17,18 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
-import torch
 
 from device.agent import AgentOptions, DeviceAgent
 from device.data import Dataset, load_dataset, partition
 from device.job import load_model
 from device.seeding import derive_seed
 from device.trainer import evaluate
-from device.wire.memory import MemoryBroker, MemoryTransport
 from device.wire.messages import ModelSnapshot
 from device.wire.topics import Topics
 from device.wire.transport import Transport
-from fleet.runner import ProgressCallback, RoundReport, Runner, RunSpec
-from fleet.store import Store
 from fleet.strategies.base import GlobalModel
 
 log = logging.getLogger(__name__)
@@ -195,71 +188,6 @@ def _agent_options(
         torch_threads=0,  # set once per process: torch's thread pool is process-wide
         session_epoch=1,
     )
-
-
-def simulate(
-    run: RunSpec,
-    sim: SimSpec,
-    store_dir: Path,
-    *,
-    transport: Literal["memory", "mqtt"] = "memory",
-    broker_url: str | None = None,
-    on_progress: ProgressCallback | None = None,
-    evaluate_on_test: bool = True,
-) -> list[RoundReport]:
-    """Run ``run`` on ``sim.devices`` simulated devices and return the round reports."""
-    torch.set_num_threads(max(1, sim.torch_threads))
-    if transport == "memory":
-        return _simulate_memory(run, sim, store_dir, on_progress, evaluate_on_test)
-    from fleet.sim_mqtt import simulate_mqtt
-
-    return simulate_mqtt(
-        run,
-        sim,
-        store_dir,
-        broker_url=broker_url,
-        on_progress=on_progress,
-        evaluate_on_test=evaluate_on_test,
-    )
-
-
-def _simulate_memory(
-    run: RunSpec,
-    sim: SimSpec,
-    store_dir: Path,
-    on_progress: ProgressCallback | None,
-    evaluate_on_test: bool,
-) -> list[RoundReport]:
-    broker = MemoryBroker()
-    topics = Topics()
-    data = PartitionedData(sim)
-    plan = fault_plan(sim)
-    agents = start_agents(
-        lambda device_id: MemoryTransport(broker, device_id),
-        sim,
-        data,
-        topics,
-        plan,
-        range(sim.devices),
-    )
-    store = Store(store_dir)
-    try:
-        runner = Runner(
-            run,
-            MemoryTransport(broker, "fleet-manager"),
-            store,
-            topics=topics,
-            evaluator=make_evaluator(sim.dataset, sim.data_dir) if evaluate_on_test else None,
-            partition_for=partition_lookup(sim.devices),
-            on_progress=on_progress,
-        )
-        runner.connect()
-        runner.wait_for_devices(sim.devices, timeout_s=30.0)
-        return runner.run()
-    finally:
-        for agent in agents:
-            agent.stop(timeout_s=5.0)
-        store.close()
 
 
 def partition_lookup(count: int) -> Callable[[str], str]:

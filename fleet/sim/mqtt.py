@@ -20,8 +20,8 @@ import torch
 from device.wire.broker import MosquittoBroker
 from device.wire.mqtt import MqttTransport, parse_broker_url
 from device.wire.topics import Topics
-from fleet.runner import ProgressCallback, RoundReport, Runner, RunSpec
-from fleet.sim import (
+from fleet.runtime.runner import ProgressCallback, RoundReport, Runner, RunSpec
+from fleet.sim.core import (
     PartitionedData,
     SimSpec,
     fault_plan,
@@ -29,7 +29,7 @@ from fleet.sim import (
     partition_lookup,
     start_agents,
 )
-from fleet.store import Store
+from fleet.state.store import Store
 
 log = logging.getLogger(__name__)
 

@@ -19,7 +19,7 @@ from device.wire.broker import is_listening
 from device.wire.messages import DeviceStatus
 from device.wire.mqtt import MqttTransport, parse_broker_url
 from device.wire.topics import Topics
-from fleet.registry import DeviceRegistry
+from fleet.ops.registry import DeviceRegistry
 
 log = logging.getLogger(__name__)
 

@@ -1,0 +1,44 @@
+"""Simulated devices on one machine, over the in-memory broker or a real MQTT broker.
+
+``simulate`` is the room's front door; ``core`` holds what both transports share, ``memory``
+runs everything in one process, ``mqtt`` gives every agent its own connection to mosquitto
+(spread over worker processes; a throw-away broker on a free loopback port unless one is given).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import torch
+
+from fleet.runtime.runner import ProgressCallback, RoundReport, RunSpec
+from fleet.sim.core import Faults, SimSpec, device_ids, make_evaluator
+from fleet.sim.memory import simulate_memory
+from fleet.sim.mqtt import simulate_mqtt
+
+__all__ = ["Faults", "SimSpec", "device_ids", "make_evaluator", "simulate"]
+
+
+def simulate(
+    run: RunSpec,
+    sim: SimSpec,
+    store_dir: Path,
+    *,
+    transport: Literal["memory", "mqtt"] = "memory",
+    broker_url: str | None = None,
+    on_progress: ProgressCallback | None = None,
+    evaluate_on_test: bool = True,
+) -> list[RoundReport]:
+    """Run ``run`` on ``sim.devices`` simulated devices and return the round reports."""
+    torch.set_num_threads(max(1, sim.torch_threads))
+    if transport == "memory":
+        return simulate_memory(run, sim, store_dir, on_progress, evaluate_on_test)
+    return simulate_mqtt(
+        run,
+        sim,
+        store_dir,
+        broker_url=broker_url,
+        on_progress=on_progress,
+        evaluate_on_test=evaluate_on_test,
+    )
