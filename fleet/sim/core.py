@@ -186,7 +186,8 @@ def _agent_options(
         topics=topics,
         dataset_size=data.size(index),
         torch_threads=0,  # set once per process: torch's thread pool is process-wide
-        session_epoch=1,
+        # session_epoch left at 0: derived from the clock as a real agent's is, so a second
+        # simulation in the same store outranks the first one's stored "offline" (issue 23).
     )
 
 
