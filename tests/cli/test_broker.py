@@ -62,7 +62,7 @@ def test_the_local_broker_is_the_default_for_other_commands(local: Fleet) -> Non
     _require_mosquitto()
     port = free_port()
     assert local("broker", "start", "--port", str(port)).exit_code == 0
-    from fleet.cli.main import Env
+    from fleet.cli.context import Env
 
     env = Env(state_dir=local.state_dir, broker=None, verbose=0, console=None)
     assert env.broker_url() == (f"mqtt://127.0.0.1:{port}", "the local broker")

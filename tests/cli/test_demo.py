@@ -10,7 +10,7 @@ import pytest
 
 from device.errors import BrokerUnavailableError
 from device.wire.broker import find_mosquitto
-from fleet.cli.main import find_mnist
+from fleet.cli.demo import find_mnist
 from fleet.state.store import RunStatus, Store
 from tests.cli.helpers import Fleet, error_line
 

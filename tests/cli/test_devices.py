@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 from rich.console import Console
 
-from fleet.cli.main import job_states, render
+from fleet.cli import render
+from fleet.cli.status import job_states
 from fleet.ops.registry import DeviceCounters, DeviceInfo, DeviceRegistry
 from fleet.runtime.runner import RunSpec
 from fleet.state.store import RunStatus, Store
