@@ -22,11 +22,11 @@ by sparse kernels (``kernel_plan``) skip step 4's masking too on steps where the
 its on-mask gradient (exactly zero off the mask) and no FedProx term is added.
 
 Memory (a 1 GB Pi trains a 26 MB model): besides the model, a round holds the gradients, the
-momentum and, per pruned tensor, only its start values on the start mask; weight decay is added
-in place (torch's SGD would allocate a gradient-sized temporary), large dense linear layers
-compute their weight gradients into one buffer each for the whole round (``device.gradbuffers``:
-a new one every step fragments the heap), and the dense deltas are built after the optimiser
-state and gradients are freed.
+momentum and, per pruned tensor, only its start values on the start mask (``device.deltas``);
+weight decay is added in place (torch's SGD would allocate a gradient-sized temporary), large
+dense linear layers compute their weight gradients into one buffer each for the whole round
+(``device.gradbuffers``: a new one every step fragments the heap), and the dense deltas are
+built after the optimiser state and gradients are freed.
 """
 
 from __future__ import annotations
@@ -42,6 +42,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from device.deltas import RoundStart
 from device.errors import ConfigError, DataError
 from device.gradbuffers import weight_grad_buffers
 from device.optim import MomentumSGD
@@ -307,7 +308,7 @@ def train_round(
     start_masks: Masks = dict(masks)
     current: Masks = dict(masks)
     apply_masks(model, current)
-    start = _Start.of(model.state_dict(), start_masks, held=start_weights)
+    start = RoundStart.of(model.state_dict(), start_masks, held=start_weights)
 
     plan = plan_steps(x.shape[0], settings, readjust)
     all_params = dict(model.named_parameters())
@@ -442,109 +443,6 @@ def _prepare_gradients(
         for name, param in params.items():
             if param.grad is not None and name not in exact:
                 zero_outside(param.grad, masks[name])
-
-
-@dataclass(frozen=True)
-class _Start:
-    """The state a round starts from, kept small: a pruned tensor below density 1/3 keeps only
-    its values on the start mask (zero elsewhere), every other entry a whole copy.
-
-    Why 1/3: the on-mask form costs 4 bytes per kept entry for the round and 8 more (int64 flat
-    positions) while the deltas are built; a whole copy costs 4 bytes per entry. Deltas are
-    ``final - start`` exactly as with a dense copy: off the start mask the start value is 0 and
-    ``x - 0 == x``; on it ``x + (-1) * s == x - s``.
-    """
-
-    on_mask: dict[str, tuple[torch.Tensor, torch.Tensor]]
-    whole: dict[str, torch.Tensor]
-    held: frozenset[str] = frozenset()  # whole entries that are the caller's: never written
-
-    @classmethod
-    def of(
-        cls,
-        state: Mapping[str, torch.Tensor],
-        masks: Masks,
-        *,
-        held: Mapping[str, torch.Tensor] | None = None,
-    ) -> _Start:
-        """The start of ``state``; with ``held`` (the caller's copy of it) nothing is copied."""
-        if held is not None:
-            return cls({}, _checked_start(state, held), frozenset(state))
-        on_mask: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-        whole: dict[str, torch.Tensor] = {}
-        for name, tensor in state.items():
-            mask = masks.get(name)
-            if mask is not None and 3 * int(mask.sum()) < mask.numel():
-                values = tensor.detach().reshape(-1).index_select(0, _flat(mask))
-                on_mask[name] = (mask, values)
-            else:
-                whole[name] = tensor.detach().clone()
-        return cls(on_mask, whole)
-
-    def dense(self, like: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """The start state as dense tensors shaped like ``like`` (FedProx's default reference)."""
-        dense = dict(self.whole)
-        for name, (mask, values) in self.on_mask.items():
-            tensor = torch.zeros_like(like[name])
-            tensor.view(-1).index_copy_(0, _flat(mask), values)
-            dense[name] = tensor
-        return dense
-
-    def deltas(
-        self, final: Mapping[str, torch.Tensor], masks: Masks, *, in_place: bool = False
-    ) -> dict[str, torch.Tensor]:
-        """``final - start`` per state_dict entry (float32 for integer entries), zero off
-        ``masks`` (the final masks). Consumes this object: float deltas of the whole copies it
-        made are computed in place of the copy (no further model-sized buffer); held entries
-        (the caller's) get new tensors, or, ``in_place``, overwrite ``final``'s float tensors."""
-        deltas: dict[str, torch.Tensor] = {}
-        for name, value in final.items():
-            if in_place and value.is_floating_point() and name not in self.on_mask:
-                delta = value.detach().sub_(self.whole[name])
-            elif name in self.on_mask:
-                start_mask, values = self.on_mask[name]
-                delta = value.detach().clone()
-                delta.view(-1).index_add_(0, _flat(start_mask), values, alpha=-1)
-            elif (
-                value.is_floating_point()
-                and self.whole[name].dtype == value.dtype
-                and name not in self.held
-            ):
-                start = self.whole[name]
-                delta = torch.sub(value.detach(), start, out=start)
-            elif value.is_floating_point():
-                delta = value.detach() - self.whole[name]
-            else:
-                delta = value.detach().to(torch.float32) - self.whole[name].to(torch.float32)
-            if name in masks:
-                zero_outside(delta, masks[name])
-            deltas[name] = delta
-        return deltas
-
-
-def _checked_start(
-    state: Mapping[str, torch.Tensor], held: Mapping[str, torch.Tensor]
-) -> dict[str, torch.Tensor]:
-    """``held`` as the start of ``state``: the same names and shapes, else ``ConfigError``."""
-    missing, extra = set(state) - set(held), set(held) - set(state)
-    if missing or extra:
-        raise ConfigError(
-            f"start weights do not match the model: missing {sorted(missing)}, "
-            f"unexpected {sorted(extra)}"
-        )
-    for name, tensor in state.items():
-        if tuple(held[name].shape) != tuple(tensor.shape):
-            raise ConfigError(
-                f"start weight {name!r} has shape {tuple(held[name].shape)}, "
-                f"the model {tuple(tensor.shape)}"
-            )
-    return {name: held[name].detach() for name in state}
-
-
-def _flat(mask: torch.Tensor) -> torch.Tensor:
-    """Row-major positions of a mask's kept entries (int64 ``[nnz]``); a 1-D ``nonzero`` needs
-    half the index memory of indexing with the bool mask itself."""
-    return mask.reshape(-1).nonzero().squeeze(1)
 
 
 def _readjust(

@@ -17,44 +17,91 @@ Python loops, in encoding or in decoding.
 ``decode_tensor`` trusts nothing: it raises only ``TensorDecodeError`` (with a ``reason`` code)
 and bounds every allocation by the payload size before allocating. The exact byte layouts are
 documented in ``docs/wire-format.md``.
+
+This module is the tensor and its protobuf form; the parts it composes are pure and live beside
+it: ``device.wire.positions`` (coordinate sets and their entropy bound), ``device.wire.precision``
+(the value dtypes) and ``device.wire.digests`` (mask and model digests). Their public names are
+importable from here too.
 """
 
 from __future__ import annotations
 
-import enum
-import hashlib
 import math
-import struct
-import warnings
-from collections.abc import Mapping
 from dataclasses import dataclass
 from functools import cached_property
-from typing import Any, Literal
 
 import numpy as np
 import numpy.typing as npt
 
 from device.errors import TensorDecodeError
+from device.wire.digests import MASK_DIGEST_BYTES, mask_digest, model_digest
 from device.wire.pb import sparsefleet_pb2 as pb
+from device.wire.positions import (
+    MAX_RICE_K,
+    binary_entropy,
+    code_set,
+    decode_bitmap,
+    decode_rice,
+    max_rice_parameter,
+    position_bound_bits,
+    rice_bytes,
+    rice_parameter,
+)
+from device.wire.precision import (
+    QMAX,
+    Rounding,
+    ValueDType,
+    bf16_bits,
+    bf16_values,
+    decode_values,
+    dtype_key,
+    encode_values,
+    fp16_bits,
+    fp16_values,
+    quantise,
+    value_bits,
+    value_bytes,
+)
+
+__all__ = [
+    "ELEMENTS_PER_PAYLOAD_BYTE",
+    "FREE_ELEMENTS",
+    "MASK_DIGEST_BYTES",
+    "MAX_ELEMENTS",
+    "MAX_NDIM",
+    "MAX_RICE_K",
+    "Chunk",
+    "EncodedTensor",
+    "KnownMask",
+    "Rounding",
+    "SparseTensor",
+    "ValueDType",
+    "bf16_bits",
+    "bf16_values",
+    "binary_entropy",
+    "decode_positions",
+    "decode_tensor",
+    "dtype_of",
+    "encode_positions",
+    "encode_tensor",
+    "encode_tensor_parts",
+    "fp16_bits",
+    "fp16_values",
+    "length_delimited",
+    "mask_digest",
+    "max_rice_parameter",
+    "model_digest",
+    "position_bound_bits",
+    "quantise",
+    "rice_bytes",
+    "rice_parameter",
+    "tensor_bound_bits",
+    "value_bits",
+    "varint",
+]
 
 BoolArray = npt.NDArray[np.bool_]
 FloatArray = npt.NDArray[np.float32]
-IntArray = npt.NDArray[np.int64]
-Rounding = Literal["nearest", "stochastic"]
-
-
-class ValueDType(enum.StrEnum):
-    """How tensor values travel. ``int8``/``int4`` are symmetric per-tensor quantisation.
-
-    Defined here, with the codec that implements each, and re-exported by ``messages``; a str
-    of the same value is accepted wherever a ValueDType is.
-    """
-
-    FP32 = "fp32"
-    FP16 = "fp16"
-    BF16 = "bf16"
-    INT8 = "int8"
-    INT4 = "int4"
 
 
 #: Largest element count of any tensor the decoder accepts (2**31, i.e. a 2 GiB boolean mask).
@@ -68,14 +115,6 @@ FREE_ELEMENTS = 2**24
 #: max(FREE_ELEMENTS, 100 * 1024) mask bytes. Honest encodings need fewer than 1024 elements per
 #: byte down to densities of about 5e-4 (N * H(d) / 8 + nnz bytes >= N / 1024).
 ELEMENTS_PER_PAYLOAD_BYTE = 1024
-#: Largest Rice parameter, in bits.
-MAX_RICE_K = 40
-#: Length of a mask digest in bytes.
-MASK_DIGEST_BYTES = 16
-
-_MASK_DOMAIN = b"sparsefleet.mask.v1\x00"
-_MODEL_DOMAIN = b"sparsefleet.model.v1\x00"
-_GOLDEN_LOG = math.log((math.sqrt(5.0) - 1.0) / 2.0)  # log(phi - 1), Gallager & van Voorhis
 
 
 # ---------------------------------------------------------------------------------------------
@@ -203,65 +242,10 @@ class KnownMask:
         return int(np.count_nonzero(self.mask))
 
 
-def _shape_header(shape: tuple[int, ...]) -> bytes:
-    """uint32 ndim then ndim uint64 dimensions, little-endian."""
-    return struct.pack(f"<I{len(shape)}Q", len(shape), *shape)
-
-
-def mask_digest(mask: npt.NDArray[np.bool_]) -> bytes:
-    """16-byte digest of a mask: SHA-256 truncated to 16 bytes.
-
-    Hashed bytes: ``b"sparsefleet.mask.v1\\0"``, the shape header (uint32 ndim, then each
-    dimension as uint64, little-endian), then ``np.packbits(mask.ravel(), bitorder="little")``
-    (row-major, bit i of the mask is bit i % 8 of byte i // 8).
-    """
-    if not isinstance(mask, np.ndarray) or mask.dtype != np.bool_:
-        raise ValueError("mask_digest needs a numpy bool array")
-    h = hashlib.sha256(_MASK_DOMAIN)
-    h.update(_shape_header(mask.shape))
-    h.update(np.packbits(mask.reshape(-1), bitorder="little").tobytes())
-    return h.digest()[:MASK_DIGEST_BYTES]
-
-
-def model_digest(
-    weights: Mapping[str, npt.NDArray[np.floating]], masks: Mapping[str, BoolArray]
-) -> bytes:
-    """32-byte SHA-256 of a model in canonical form.
-
-    Hashed bytes: ``b"sparsefleet.model.v1\\0"``, uint32 tensor count, then for each name in
-    sorted order (code points, equal to UTF-8 byte order): uint32 length and UTF-8 bytes of the
-    name, the shape header (as in ``mask_digest``), the weights as float32 little-endian in
-    row-major order, then ``b"\\x01"`` plus the packed mask bits when the tensor has a mask,
-    else ``b"\\x00"``. Every mask must name a weight of the same shape (``ValueError``).
-    """
-    unknown = sorted(set(masks) - set(weights))
-    if unknown:
-        raise ValueError(f"masks without weights: {unknown}")
-    h = hashlib.sha256(_MODEL_DOMAIN)
-    h.update(struct.pack("<I", len(weights)))
-    for name in sorted(weights):
-        w = np.ascontiguousarray(weights[name], dtype="<f4")
-        encoded = name.encode("utf-8")
-        h.update(struct.pack("<I", len(encoded)))
-        h.update(encoded)
-        h.update(_shape_header(w.shape))
-        h.update(w.tobytes())
-        if name in masks:
-            m = masks[name]
-            if not isinstance(m, np.ndarray) or m.dtype != np.bool_ or m.shape != w.shape:
-                raise ValueError(f"mask of {name!r} must be bool of shape {w.shape}")
-            h.update(b"\x01")
-            h.update(np.packbits(m.reshape(-1), bitorder="little").tobytes())
-        else:
-            h.update(b"\x00")
-    return h.digest()
-
-
 # ---------------------------------------------------------------------------------------------
-# Value dtypes
+# Value dtypes and position sets in protobuf
 # ---------------------------------------------------------------------------------------------
 
-_VALUE_BITS = {"fp32": 32, "fp16": 16, "bf16": 16, "int8": 8, "int4": 4}
 _DTYPE_TO_PB = {
     "fp32": pb.VALUE_DTYPE_FP32,
     "fp16": pb.VALUE_DTYPE_FP16,
@@ -270,19 +254,6 @@ _DTYPE_TO_PB = {
     "int4": pb.VALUE_DTYPE_INT4,
 }
 _PB_TO_DTYPE = {v: k for k, v in _DTYPE_TO_PB.items()}
-_QMAX = {"int8": 127, "int4": 7}
-
-
-def _dtype_key(dtype: ValueDType | str) -> str:
-    key = str(dtype)
-    if key not in _VALUE_BITS:
-        raise ValueError(f"unknown value dtype {dtype!r}; known: {', '.join(_VALUE_BITS)}")
-    return key
-
-
-def value_bits(dtype: ValueDType | str) -> int:
-    """Bits per value on the wire: 32 (fp32), 16 (fp16, bf16), 8 (int8), 4 (int4)."""
-    return _VALUE_BITS[_dtype_key(dtype)]
 
 
 def dtype_of(msg: pb.SparseTensor) -> str:
@@ -293,289 +264,7 @@ def dtype_of(msg: pb.SparseTensor) -> str:
     return key
 
 
-_TORCH_GRAIN = 32768  # torch's at::internal::GRAIN_SIZE: smaller element-wise ops run serially
-_torch_module: Any = None
-
-
-def _torch() -> Any:
-    """torch, imported on first use (it takes a second; most messages never need it)."""
-    global _torch_module
-    if _torch_module is None:
-        import torch
-
-        # torch warns once per process when it wraps a read-only numpy array (our decoded
-        # payloads are); we only ever read those, so take the warning here, silently.
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", UserWarning)
-            frozen = np.zeros(1, dtype=np.float32)
-            frozen.flags.writeable = False
-            torch.from_numpy(frozen)
-        _torch_module = torch
-    return _torch_module
-
-
-def _torch_cast(src: npt.NDArray[Any], dst_dtype: type[np.generic]) -> npt.NDArray[Any]:
-    """IEEE float16 <-> float32 conversion of a 1-D array through torch.
-
-    numpy's float16 casts are scalar loops (about 2 ns per value here); torch's use F16C and
-    run five to ten times faster. Both round to nearest, ties to even, and keep NaN and inf.
-    The copy goes in slices of torch's grain size so that torch never hands it to its
-    OpenMP workers: when the other cores are busy, waking them cost about 8 ms per call here.
-    """
-    torch = _torch()
-    out = np.empty(src.shape, dtype=dst_dtype)
-    for dst_part, src_part in zip(
-        torch.from_numpy(out).split(_TORCH_GRAIN),
-        torch.from_numpy(src).split(_TORCH_GRAIN),
-        strict=True,
-    ):
-        dst_part.copy_(src_part)
-    return out
-
-
-def fp16_bits(values: FloatArray) -> npt.NDArray[np.uint16]:
-    """float32 -> IEEE binary16 bit patterns, rounding to nearest even (overflow gives inf)."""
-    if values.size == 0:
-        return np.zeros(0, dtype=np.uint16)
-    half = _torch_cast(np.ascontiguousarray(values, dtype=np.float32), np.float16)
-    return half.view(np.uint16)
-
-
-def fp16_values(bits: npt.NDArray[np.uint16]) -> FloatArray:
-    """IEEE binary16 bit patterns -> float32 (exact)."""
-    if bits.size == 0:
-        return np.zeros(0, dtype=np.float32)
-    return _torch_cast(np.ascontiguousarray(bits).view(np.float16), np.float32)
-
-
-def bf16_bits(values: FloatArray) -> npt.NDArray[np.uint16]:
-    """float32 -> bfloat16 bit patterns (upper 16 bits), rounding to nearest even.
-
-    NaN stays NaN (the quiet bit is set so that a payload living only in the low half does not
-    turn into inf); finite values beyond the bf16 range round to inf, as IEEE rounding does.
-    """
-    u = np.ascontiguousarray(values, dtype=np.float32).view(np.uint32)
-    # Adding 0x7FFF plus the lowest kept bit rounds the upper half to nearest, ties to even.
-    rounded = ((u + (np.uint32(0x7FFF) + ((u >> np.uint32(16)) & np.uint32(1)))) >> 16).astype(
-        np.uint16
-    )
-    nan = np.isnan(values)
-    if nan.any():
-        rounded[nan] = ((u[nan] >> np.uint32(16)) | np.uint32(0x0040)).astype(np.uint16)
-    return rounded
-
-
-def bf16_values(bits: npt.NDArray[np.uint16]) -> FloatArray:
-    """bfloat16 bit patterns -> float32 (exact)."""
-    wide = bits.astype(np.uint32)
-    wide <<= np.uint32(16)
-    return wide.view(np.float32)
-
-
-def quantise(
-    values: FloatArray,
-    qmax: int,
-    rounding: Rounding = "nearest",
-    rng: np.random.Generator | None = None,
-) -> tuple[npt.NDArray[np.int8], np.float32]:
-    """Symmetric per-tensor quantisation: ``q`` in [-qmax, qmax], ``value ~= q * scale``.
-
-    ``scale = max|v| / qmax`` (float32; 0 when every value is 0). Nearest rounding errs by at most
-    scale / 2; stochastic rounding (``floor(v / scale + u)``, u uniform in [0, 1)) errs by less
-    than one step and is unbiased: E[q * scale] = v. Non-finite values cannot be quantised
-    (``ValueError``). Values whose magnitude is below about 1e-36 may flush to zero (the scale
-    underflows float32).
-    """
-    if rounding not in ("nearest", "stochastic"):
-        raise ValueError(f"unknown rounding {rounding!r}; known: nearest, stochastic")
-    if values.size == 0:
-        return np.zeros(0, dtype=np.int8), np.float32(0.0)
-    amax = max(float(values.max()), -float(values.min()))
-    if not math.isfinite(amax):
-        raise ValueError(f"cannot quantise non-finite values to {qmax}-level integers")
-    scale = np.float32(amax / qmax)
-    if scale == 0.0:
-        return np.zeros(values.size, dtype=np.int8), np.float32(0.0)
-    if rounding == "nearest":
-        x = values / scale
-        np.rint(x, out=x)
-    else:
-        gen = rng if rng is not None else np.random.default_rng()
-        # float64 so that adding the uniform draw does not round and bias the result.
-        x64 = values.astype(np.float64) / float(scale)
-        x64 += gen.random(values.size)
-        np.floor(x64, out=x64)
-        x = x64.astype(np.float32)
-    np.clip(x, -qmax, qmax, out=x)
-    return x.astype(np.int8), scale
-
-
-def _encode_values(
-    values: FloatArray, key: str, rounding: Rounding, rng: np.random.Generator | None
-) -> tuple[memoryview, float]:
-    """Values -> (little-endian bytes, scale). fp32 values are not copied."""
-    if key == "fp32":
-        raw: npt.NDArray[Any] = np.ascontiguousarray(values, dtype="<f4")
-        scale = 0.0
-    elif key == "fp16":
-        raw, scale = fp16_bits(values).astype("<u2", copy=False), 0.0
-    elif key == "bf16":
-        raw, scale = bf16_bits(values).astype("<u2", copy=False), 0.0
-    else:
-        q, scale32 = quantise(values, _QMAX[key], rounding, rng)
-        scale = float(scale32)
-        if key == "int8":
-            raw = q
-        else:
-            nibbles = (q & 0xF).astype(np.uint8)
-            if nibbles.size % 2:
-                nibbles = np.append(nibbles, np.uint8(0))
-            raw = nibbles[0::2] | (nibbles[1::2] << 4)
-    return raw.data.cast("B"), scale
-
-
-def _value_bytes(key: str, nnz: int) -> int:
-    return (nnz * _VALUE_BITS[key] + 7) // 8
-
-
-def _decode_values(data: bytes, key: str, nnz: int, scale: float, where: str) -> FloatArray:
-    """Bytes (length already checked) -> float32 values."""
-    if key == "fp32":
-        return np.frombuffer(data, dtype="<f4").astype(np.float32, copy=False)
-    if key == "fp16":
-        return fp16_values(np.frombuffer(data, dtype="<u2").astype(np.uint16, copy=False))
-    if key == "bf16":
-        return bf16_values(np.frombuffer(data, dtype="<u2").astype(np.uint16, copy=False))
-    if key == "int8":
-        q = np.frombuffer(data, dtype=np.int8)
-    else:
-        packed = np.frombuffer(data, dtype=np.uint8)
-        nibbles = np.empty(2 * packed.size, dtype=np.uint8)
-        nibbles[0::2] = packed & 0xF
-        nibbles[1::2] = packed >> 4
-        if nnz % 2 and nibbles[-1] != 0:
-            raise TensorDecodeError(
-                f"{where}: int4 padding nibble is not zero", reason="bad_values"
-            )
-        # Two's complement of a nibble: 0..7 stay, 8..15 become -8..-1.
-        q = (nibbles[:nnz].astype(np.int8) ^ np.int8(8)) - np.int8(8)
-    qmax = _QMAX[key]
-    if q.size and (q == -qmax - 1).any():
-        raise TensorDecodeError(
-            f"{where}: {key} value {-qmax - 1} is outside [-{qmax}, {qmax}]", reason="bad_values"
-        )
-    return np.multiply(q, np.float32(scale), dtype=np.float32)
-
-
-# ---------------------------------------------------------------------------------------------
-# Position sets: bitmap or Rice-coded gaps
-# ---------------------------------------------------------------------------------------------
-
-
-def binary_entropy(p: float) -> float:
-    """H(p) in bits, for p in [0, 1]."""
-    if p <= 0.0 or p >= 1.0:
-        return 0.0
-    return -(p * math.log2(p) + (1.0 - p) * math.log2(1.0 - p))
-
-
-def position_bound_bits(n: int, k: int) -> float:
-    """Entropy bound in bits for a set of ``k`` of ``n`` coordinates: ``n * H(k / n)``."""
-    if n <= 0:
-        return 0.0
-    return n * binary_entropy(k / n)
-
-
-def max_rice_parameter(n: int) -> int:
-    """Largest Rice parameter allowed for sets over ``n`` coordinates: ``bit_length(n - 1)``,
-    at most MAX_RICE_K. A larger one never helps (every remainder would be below 2**k anyway)
-    and would let a forged message overflow 64-bit coordinate sums."""
-    return min(MAX_RICE_K, max(n - 1, 0).bit_length())
-
-
-def rice_parameter(count: int, n: int) -> int:
-    """Rice parameter (bits) for ``count`` uniformly placed coordinates among ``n``.
-
-    Gaps of a uniform set are close to geometric with p = count / n; the best Golomb power of
-    two for a geometric source is ``max(0, 1 + floor(log2(log(phi - 1) / log(1 - p))))``
-    (Kiely 2004), within a few percent of the entropy down to small p.
-    """
-    if count <= 0 or n <= 0 or 2 * count >= n:
-        return 0
-    p = count / n
-    k = 1 + math.floor(math.log2(_GOLDEN_LOG / math.log1p(-p)))
-    return min(max(k, 0), max_rice_parameter(n))
-
-
-def rice_bytes(gaps: IntArray, k: int, scratch: IntArray | None = None) -> int:
-    """Size in bytes of ``gaps`` Rice-coded with parameter ``k`` (layout of ``_rice_encode``).
-
-    ``scratch``, an int64 array like ``gaps``, avoids allocating a temporary."""
-    m = int(gaps.size)
-    quotients = np.right_shift(gaps, k, out=scratch)
-    return k * ((m + 7) // 8) + (m + int(quotients.sum()) + 7) // 8
-
-
-def _field_dtype(k: int) -> type[np.unsignedinteger[Any]]:
-    """Smallest unsigned dtype that holds k bits: fewer bytes to move per bit plane."""
-    if k <= 8:
-        return np.uint8
-    if k <= 16:
-        return np.uint16
-    if k <= 32:
-        return np.uint32
-    return np.uint64
-
-
-def _gaps(coords: IntArray) -> IntArray:
-    """Gaps between increasing coordinates: g_0 = c_0, g_i = c_i - c_(i-1) - 1 (all >= 0)."""
-    gaps = np.empty_like(coords)
-    if coords.size:
-        gaps[0] = coords[0]
-        np.subtract(coords[1:], coords[:-1], out=gaps[1:])
-        gaps[1:] -= 1
-    return gaps
-
-
-def _rice_encode(gaps: IntArray, k: int, scratch: IntArray | None = None) -> bytes:
-    """Rice code of the gaps (m >= 1): k remainder bit planes, then the unary stream.
-
-    Plane j (ceil(m / 8) bytes) holds bit j of every remainder ``g & (2**k - 1)``, gap i at
-    bit i % 8 of byte i // 8. The unary stream holds, for each gap, ``g >> k`` zero bits and
-    then a one bit, LSB first, zero-padded to a whole byte. Bit planes rather than packed
-    k-bit fields keep encoding and decoding to k whole-array operations. (Fresh arrays cost
-    page faults comparable to the arithmetic, hence the in-place operations.)
-    """
-    m = int(gaps.size)
-    work = np.empty_like(gaps) if scratch is None else scratch
-    planes = np.empty((k, (m + 7) // 8), dtype=np.uint8)
-    if k:
-        dt = _field_dtype(k)
-        remainders = np.bitwise_and(gaps, (1 << k) - 1, out=work).astype(dt)
-        for j in range(k):  # k <= 40 bit planes, each one vectorised over all gaps
-            plane = remainders if k == 1 else (remainders >> dt(j)) & dt(1)
-            planes[j] = np.packbits(plane, bitorder="little")
-    # Position of gap i's terminating one bit: its quotient plus all earlier codes' bits.
-    ends = np.right_shift(gaps, k, out=work)
-    ends += 1
-    np.cumsum(ends, out=ends)
-    ends -= 1
-    bits = np.zeros(int(ends[-1]) + 1, dtype=np.bool_)
-    bits[ends] = True
-    return planes.tobytes() + np.packbits(bits, bitorder="little").tobytes()
-
-
-def _rice_lower_bound_bytes(m: int, gap_sum: int, k_max: int) -> float:
-    """A lower bound on the Rice size for any k in 1..k_max, from m and the gap sum alone.
-
-    Since ``g >> k >= (g - 2**k + 1) / 2**k``, the unary stream holds at least
-    ``m + (gap_sum - m * (2**k - 1)) / 2**k`` bits, and the planes ``m * k`` bits.
-    """
-    best = math.inf
-    for k in range(1, k_max + 1):
-        unary = m + max(0.0, (gap_sum - m * ((1 << k) - 1)) / (1 << k))
-        best = min(best, (m * k + unary) / 8)
-    return best
+_CODING_TO_PB = {"bitmap": pb.SET_CODING_BITMAP, "rice": pb.SET_CODING_RICE_GAPS}
 
 
 def encode_positions(members: BoolArray, out: pb.PositionSet | None = None) -> pb.PositionSet:
@@ -586,125 +275,14 @@ def encode_positions(members: BoolArray, out: pb.PositionSet | None = None) -> p
     (k = 0 included: a bitmap cut after its last non-zero byte). ``out``, an empty message,
     is filled in place of a new one.
     """
-    flat = members.reshape(-1)
-    n = int(flat.size)
-    m = int(np.count_nonzero(flat))
+    coded = code_set(members)
     if out is None:
         out = pb.PositionSet()
-    out.count = m
-    if m == 0:
-        # An empty Rice set is zero bytes; an empty bitmap is ceil(n / 8) bytes.
-        out.coding = pb.SET_CODING_RICE_GAPS if n else pb.SET_CODING_BITMAP
-        return out
-    bitmap = np.packbits(flat, bitorder="little")
-    # Rice with k = 0 is the bitmap cut after its last non-zero byte. Gaps are only worth
-    # computing when some k >= 1 could beat that (densities below about 0.4).
-    best_bytes = bitmap.size - int(np.argmax(bitmap[::-1] != 0))
-    best_k = 0
-    gaps = scratch = None
-    gap_sum_at_least = 8 * (best_bytes - 1) + 1 - m  # the last coordinate is in the last byte
-    if _rice_lower_bound_bytes(m, gap_sum_at_least, max_rice_parameter(n)) < best_bytes:
-        gaps = _gaps(np.flatnonzero(flat))
-        scratch = np.empty_like(gaps)
-        k0 = max(rice_parameter(m, n), 1)
-        for k in (k0 - 1, k0, k0 + 1):
-            if 1 <= k <= max_rice_parameter(n):
-                size = rice_bytes(gaps, k, scratch)
-                if size < best_bytes:
-                    best_bytes, best_k = size, k
-    if best_bytes == bitmap.size:
-        out.coding = pb.SET_CODING_BITMAP
-        out.data = bitmap.tobytes()
-    elif best_k == 0:
-        out.coding = pb.SET_CODING_RICE_GAPS
-        out.data = bitmap[:best_bytes].tobytes()
-    else:
-        assert gaps is not None
-        out.coding = pb.SET_CODING_RICE_GAPS
-        out.rice_k = best_k
-        out.data = _rice_encode(gaps, best_k, scratch)
+    out.count = coded.count
+    out.coding = _CODING_TO_PB[coded.coding]
+    out.rice_k = coded.rice_k
+    out.data = coded.data
     return out
-
-
-def _decode_bitmap(ps: pb.PositionSet, n: int, where: str) -> BoolArray:
-    data = ps.data
-    if ps.rice_k:
-        raise TensorDecodeError(f"{where}: rice_k set on a bitmap", reason="bad_positions")
-    if len(data) != (n + 7) // 8:
-        raise TensorDecodeError(
-            f"{where}: bitmap of {len(data)} bytes for {n} coordinates (need {(n + 7) // 8})",
-            reason="bad_length",
-        )
-    raw = np.frombuffer(data, dtype=np.uint8)
-    if n % 8 and raw[-1] >> (n % 8):
-        raise TensorDecodeError(f"{where}: bitmap padding bits set", reason="bad_positions")
-    flat = np.unpackbits(raw, count=n, bitorder="little").view(np.bool_)
-    found = int(np.count_nonzero(flat))
-    if found != ps.count:
-        raise TensorDecodeError(
-            f"{where}: bitmap holds {found} coordinates, count says {ps.count}", reason="bad_count"
-        )
-    return flat
-
-
-def _decode_rice(ps: pb.PositionSet, n: int, where: str) -> BoolArray:
-    m, k, data = int(ps.count), int(ps.rice_k), ps.data
-    if k > max_rice_parameter(n):
-        raise TensorDecodeError(
-            f"{where}: rice_k {k} outside 0..{max_rice_parameter(n)} for {n} coordinates",
-            reason="bad_positions",
-        )
-    plane = (m + 7) // 8
-    rem_len = k * plane
-    # Every code has a one bit in the unary stream, so the data bounds m (and with it every
-    # allocation below) before anything is allocated.
-    if len(data) < rem_len or 8 * (len(data) - rem_len) < m:
-        raise TensorDecodeError(
-            f"{where}: {len(data)} bytes cannot hold {m} Rice codes with k={k}",
-            reason="bad_length",
-        )
-    raw = np.frombuffer(data, dtype=np.uint8)
-    if m == 0:
-        if raw.size:
-            raise TensorDecodeError(f"{where}: data for an empty set", reason="bad_length")
-        return np.zeros(n, dtype=np.bool_)
-    ends = np.flatnonzero(np.unpackbits(raw[rem_len:], bitorder="little").view(np.bool_))
-    if ends.size != m:
-        raise TensorDecodeError(
-            f"{where}: unary stream holds {ends.size} codes, count says {m}", reason="bad_count"
-        )
-    if int(ends[-1]) // 8 + 1 != raw.size - rem_len:
-        raise TensorDecodeError(f"{where}: bytes after the last Rice code", reason="bad_length")
-    # With Q_i = q_0 + ... + q_i = ends_i - i (ends_i counts the i earlier one bits) and
-    # R_i = r_0 + ... + r_i: coord_i = 2**k * Q_i + R_i + i
-    #   = 2**k * ends_i + sum_(j <= i) (r_j - (2**k - 1)) + (2**k - 1),
-    # which needs no index array. Checking the largest Q first keeps every sum far below 2**63
-    # (k <= bit_length(n - 1), m <= n <= 2**31).
-    if int(ends[-1]) - (m - 1) > (n - 1) >> k:
-        raise TensorDecodeError(f"{where}: coordinate beyond {n}", reason="bad_positions")
-    coords = ends
-    if k:
-        planes = raw[:rem_len].reshape(k, plane)
-        if m % 8 and (planes[:, -1] >> (m % 8)).any():
-            raise TensorDecodeError(f"{where}: remainder padding bits set", reason="bad_positions")
-        dt = _field_dtype(k)
-        bits = np.unpackbits(planes, axis=1, count=m, bitorder="little")
-        remainders = bits[0].astype(dt)
-        for j in range(1, k):  # k bit planes, each vectorised over all codes
-            remainders |= np.left_shift(bits[j], dt(j), dtype=dt)
-        offsets = remainders.astype(np.int64)
-        offsets -= (1 << k) - 1
-        offsets[0] += (1 << k) - 1
-        np.cumsum(offsets, out=offsets)
-        coords <<= k
-        coords += offsets
-    if int(coords[-1]) >= n:
-        raise TensorDecodeError(
-            f"{where}: coordinate {int(coords[-1])} beyond {n}", reason="bad_positions"
-        )
-    flat = np.zeros(n, dtype=np.bool_)
-    flat[coords] = True
-    return flat
 
 
 def decode_positions(ps: pb.PositionSet, n: int, *, where: str = "positions") -> BoolArray:
@@ -718,9 +296,9 @@ def decode_positions(ps: pb.PositionSet, n: int, *, where: str = "positions") ->
     if ps.count > n:
         raise TensorDecodeError(f"{where}: count {ps.count} > {n} coordinates", reason="bad_count")
     if ps.coding == pb.SET_CODING_BITMAP:
-        return _decode_bitmap(ps, n, where)
+        return decode_bitmap(ps.data, int(ps.rice_k), int(ps.count), n, where)
     if ps.coding == pb.SET_CODING_RICE_GAPS:
-        return _decode_rice(ps, n, where)
+        return decode_rice(ps.data, int(ps.rice_k), int(ps.count), n, where)
     raise TensorDecodeError(f"{where}: unknown set coding {ps.coding}", reason="bad_coding")
 
 
@@ -790,12 +368,12 @@ def encode_tensor_parts(
     rng: np.random.Generator | None = None,
 ) -> EncodedTensor:
     """``encode_tensor`` without joining the value bytes into the message (see EncodedTensor)."""
-    key = _dtype_key(dtype)
+    key = dtype_key(dtype)
     if rounding not in ("nearest", "stochastic"):
         raise ValueError(f"unknown rounding {rounding!r}; known: nearest, stochastic")
     if base is not None and base.mask.shape != t.shape:
         raise ValueError(f"base mask shape {base.mask.shape} != tensor shape {t.shape}")
-    data, scale = _encode_values(t.values, key, rounding, rng)
+    data, scale = encode_values(t.values, key, rounding, rng)
     out = pb.SparseTensor(dtype=_DTYPE_TO_PB[key], nnz=t.nnz, scale=scale)
     out.shape.extend(t.shape)
     flat = t.mask.reshape(-1)
@@ -909,14 +487,14 @@ def decode_tensor(
     if nnz > n:
         raise TensorDecodeError(f"{where}: nnz {nnz} > {n} elements", reason="bad_count")
     values_data = msg.values  # each access copies the bytes out of the message
-    if len(values_data) != _value_bytes(key, nnz):
+    if len(values_data) != value_bytes(key, nnz):
         raise TensorDecodeError(
             f"{where}: {len(values_data)} value bytes for {nnz} {key} values "
-            f"(need {_value_bytes(key, nnz)})",
+            f"(need {value_bytes(key, nnz)})",
             reason="bad_length",
         )
     scale = float(msg.scale)
-    if key in _QMAX:
+    if key in QMAX:
         if not (math.isfinite(scale) and scale >= 0.0):
             raise TensorDecodeError(
                 f"{where}: scale {scale} must be finite and >= 0", reason="bad_scale"
@@ -972,7 +550,7 @@ def decode_tensor(
             raise TensorDecodeError(
                 f"{where}: nnz {nnz} != {count} mask positions", reason="bad_count"
             )
-    values = _decode_values(values_data, key, nnz, scale, where)
+    values = decode_values(values_data, key, nnz, scale, where)
     return SparseTensor._checked(shape, mask, values)
 
 
