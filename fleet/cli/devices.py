@@ -146,7 +146,12 @@ def devices_tag(env: Env, device_id: str, tags: tuple[str, ...], remove: tuple[s
     type=click.Path(path_type=Path, dir_okay=False),
     help="The broker's ACL, created if absent (default: STATE_DIR/broker/acl).",
 )
-@click.option("--reload-pid", type=int, help="SIGHUP this mosquitto so it reads the new password.")
+@click.option(
+    "--reload-pid",
+    type=int,
+    help="SIGHUP this mosquitto so it reads the new password (default: the local broker of "
+    "`fleet broker start` when the account is made in its password file).",
+)
 @pass_env
 def devices_enroll(
     env: Env,
@@ -159,9 +164,10 @@ def devices_enroll(
     """Give DEVICE a broker account: a random password, its hash, the ACL."""
     from fleet.ops.enroll import enroll, reload_broker
 
+    passwords = password_file or env.state_dir / "broker" / "passwd"
     credentials = enroll(
         device_id,
-        password_file=password_file or env.state_dir / "broker" / "passwd",
+        password_file=passwords,
         secrets_file=secrets_file or env.state_dir / "secrets" / f"{device_id}.password",
         acl_file=acl_file or env.state_dir / "broker" / "acl",
     )
@@ -169,6 +175,14 @@ def devices_enroll(
         f"enrolled {credentials.username}: password in {credentials.secrets_file} (mode 0600); "
         "copy it to the device"
     )
+    local = env.local_broker().running()
+    if (
+        reload_pid is None
+        and local is not None
+        and local.broker_passwords is not None
+        and Path(local.broker_passwords).resolve() == passwords.resolve()
+    ):
+        reload_pid = local.pid
     if reload_pid is not None:
         reload_broker(reload_pid)
         env.console.print(f"asked mosquitto pid {reload_pid} to reload its password file")

@@ -20,12 +20,12 @@ from device.wire.mqtt import parse_broker_url
 from device.wire.topics import Topics
 from fleet.cli import render
 from fleet.cli.connection import mqtt_transport, start_sharding
-from fleet.cli.context import Env
+from fleet.cli.context import Env, path_or_none
 from fleet.cli.runfile import BrokerConfig
 from fleet.report import load_series
 from fleet.runtime.run_control import RunFiles, StopRequested, StopWatcher
 from fleet.runtime.runner import ProgressCallback, RoundReport, Runner, RunSpec
-from fleet.sim import SimSpec, device_ids, make_evaluator, simulate
+from fleet.sim import BrokerLogins, SimSpec, device_ids, make_evaluator, simulate
 from fleet.state.store import RunStatus, Store, StoreConflictError
 
 
@@ -96,6 +96,7 @@ def run_simulation(
 ) -> list[RoundReport]:
     """Simulate ``spec`` with live progress; a stop request ends it after the current round."""
     files = RunFiles(env.state_dir, spec.run_id)
+    logins = simulation_logins(env, broker_url, sim) if transport == "mqtt" else None
     with env.store(create=True) as store:
         done = sum(1 for r in store.rounds(spec.run_id) if r.closed_at is not None)
     with (
@@ -113,6 +114,7 @@ def run_simulation(
                 broker_url=broker_url,
                 on_progress=callback,
                 evaluate_on_test=evaluate,
+                logins=logins,
             )
         except StopRequested:
             _mark_stopped(env, spec.run_id, "stopped by request")
@@ -121,13 +123,36 @@ def run_simulation(
             _simulated_devices_gone(env, sim)
 
 
+def simulation_logins(env: Env, broker_url: str | None, sim: SimSpec) -> BrokerLogins | None:
+    """Accounts for a simulation on the running local broker when it is authenticated: the
+    simulated devices are enrolled on it (fresh passwords), as real devices would be with
+    ``fleet devices enroll``. None for any other broker (a throw-away one is anonymous)."""
+    local = env.local_broker()
+    state = local.running()
+    if broker_url is None or state is None or state.url != broker_url or state.anonymous:
+        return None
+    if state.username is None or state.broker_passwords is None:
+        return None  # docker mode: its password file is the container's; enrol by hand
+    password = BrokerConfig(
+        username=state.username, password_file=path_or_none(state.password_file)
+    ).password()
+    assert password is not None
+    accounts = local.enroll_devices(device_ids(sim.devices))
+    return BrokerLogins(
+        fleet_manager=state.username,
+        fleet_manager_password=password,
+        devices={device_id: creds.password for device_id, creds in accounts.items()},
+    )
+
+
 def _simulated_devices_gone(env: Env, sim: SimSpec) -> None:
     """Record the simulated devices as offline once their simulation ended.
 
     Their agents close cleanly (no will) and the runner has disconnected anyway, so without this
     `fleet status` would show a fleet that no longer exists as online. The record gets session
-    epoch 0, below every real session (simulated agents use epoch 1, real ones the clock), so
-    the next simulation's births, with the same device ids, supersede it (``status_supersedes``).
+    epoch 0, below every real session (agents, simulated or not, take theirs from the clock),
+    so the next simulation's births, with the same device ids, supersede it
+    (``status_supersedes``).
     """
     with env.store(create=True) as store:
         for device_id in device_ids(sim.devices):

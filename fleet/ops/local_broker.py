@@ -8,9 +8,15 @@ process (or the container's port) is still there.
 How it is started, in order of preference:
 
 1. the ``mosquitto`` binary (``device.wire.broker.find_mosquitto``: ``$SPARSEFLEET_MOSQUITTO``,
-   ``PATH``, ``/usr/sbin``), with a generated configuration (anonymous access, loopback only,
-   persistence in the state directory) on port 1883, or on a free port when 1883 is taken (a
-   Debian ``mosquitto`` service usually holds it);
+   ``PATH``, ``/usr/sbin``), with a generated configuration (loopback only, persistence in the
+   state directory) on port 1883, or on a free port when 1883 is taken (a Debian ``mosquitto``
+   service usually holds it). Like the production template it is authenticated: a password file
+   and the fleet's ACL (``passwd`` and ``acl`` beside ``broker.json``), the fleet manager's
+   account created first (its password in ``<state-dir>/secrets/fleet-manager.password``), and
+   devices enrolled with ``fleet devices enroll`` (simulations enrol theirs). Anonymous access
+   only when asked for (``anonymous=True``, ``fleet broker start --anonymous``, which warns).
+   Packets are limited to ``MAX_PACKET_BYTES``, one default chunk plus headroom, so an oversized
+   payload is refused by the broker instead of travelling to the fleet manager;
 2. else ``docker compose -f broker/docker-compose.yml up -d`` when Docker works; that broker is
    the hardened development configuration (passwords, ACL) on 127.0.0.1:1883, so the fleet
    manager's account is created first (``fleet.ops.enroll``) and recorded in ``broker.json``;
@@ -27,13 +33,22 @@ import shutil
 import signal
 import subprocess
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 from device.errors import BrokerUnavailableError
 from device.wire.broker import MosquittoBroker, find_mosquitto, free_port, is_listening
+from device.wire.chunking import DEFAULT_CHUNK_BYTES
+from fleet.ops.certs import FLEET_MANAGER_USER
+from fleet.ops.enroll import (
+    Credentials,
+    enroll,
+    enroll_fleet_manager,
+    ensure_acl,
+    reload_broker,
+)
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +69,9 @@ INSTALL_OPTIONS = (
     "broker/docker-compose.yml"
 )
 FLEET_MANAGER_SECRET = "secrets/fleet-manager.password"
+#: The development broker's maximum packet size: one default chunk (4 MiB) plus 64 KiB for the
+#: topic, properties and envelope. Senders read it from the CONNACK and chunk below it.
+MAX_PACKET_BYTES = DEFAULT_CHUNK_BYTES + 64 * 1024
 
 
 @dataclass(frozen=True)
@@ -61,8 +79,11 @@ class BrokerState:
     """How the local broker was started (the content of ``broker.json``).
 
     ``mode`` "binary": ``pid`` is the mosquitto process. "docker": the container of
-    ``compose_file`` (no pid); ``username``/``password_file`` are the fleet manager's account on
-    that password-protected broker. ``started_at`` is Unix seconds.
+    ``compose_file`` (no pid). ``username``/``password_file`` are the fleet manager's account on
+    a password-protected broker (both modes unless ``anonymous``); ``broker_passwords`` is the
+    broker's own password file, where devices are enrolled (None in docker mode and when
+    anonymous). ``started_at`` is Unix seconds. A ``broker.json`` written before these fields
+    existed reads as an anonymous binary broker, which is what such a broker was.
     """
 
     mode: Literal["binary", "docker"]
@@ -74,6 +95,9 @@ class BrokerState:
     compose_file: str | None = None
     username: str | None = None
     password_file: str | None = None
+    anonymous: bool = False
+    broker_passwords: str | None = None
+    max_packet_bytes: int | None = None
 
     @property
     def url(self) -> str:
@@ -85,6 +109,8 @@ class BrokerState:
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> BrokerState:
         known = {k: v for k, v in data.items() if k in cls.__dataclass_fields__}
+        if "anonymous" not in known and known.get("mode") == "binary":
+            known["anonymous"] = known.get("username") is None  # written before auth existed
         return cls(**known)
 
 
@@ -184,12 +210,13 @@ class LocalBroker:
     # -- start -----------------------------------------------------------------------------
 
     def start(
-        self, *, host: str = "127.0.0.1", port: int | None = None
+        self, *, host: str = "127.0.0.1", port: int | None = None, anonymous: bool = False
     ) -> tuple[BrokerState, bool]:
         """Start the broker unless it runs already; returns (state, started now).
 
         ``port`` None: 1883 if free, else a free port. An explicit port that is taken fails
-        with ``BrokerUnavailableError`` (mosquitto's own log says why).
+        with ``BrokerUnavailableError`` (mosquitto's own log says why). ``anonymous``: let any
+        local client connect without an account (binary mode only; the caller warns).
         """
         current = self.running()
         if current is not None:
@@ -210,9 +237,11 @@ class LocalBroker:
                     f"{missing}; {INSTALL_OPTIONS}"
                 ) from None
             return self._start_docker(docker, compose), True
-        return self._start_binary(binary, host, port), True
+        return self._start_binary(binary, host, port, anonymous), True
 
-    def _start_binary(self, binary: str, host: str, port: int | None) -> BrokerState:
+    def _start_binary(
+        self, binary: str, host: str, port: int | None, anonymous: bool
+    ) -> BrokerState:
         if port is None:
             port = DEFAULT_PORT if not is_listening(host, DEFAULT_PORT) else free_port(host)
         elif is_listening(host, port):
@@ -220,8 +249,21 @@ class LocalBroker:
                 f"port {port} on {host} is already in use; pick another with --port, or leave "
                 "--port out to get a free one"
             )
+        extra: list[str] = []
+        username = secret = passwords = None
+        if not anonymous:
+            username, secret = self._fleet_manager_account()
+            passwords = self.passwords
+            extra = [f"password_file {passwords}", f"acl_file {self.acl}"]
         broker = MosquittoBroker(
-            host=host, port=port, state_dir=self.state_dir, persistence=True, binary=binary
+            host=host,
+            port=port,
+            state_dir=self.state_dir,
+            persistence=True,
+            max_packet_size=MAX_PACKET_BYTES,
+            allow_anonymous=anonymous,
+            extra_config=extra,
+            binary=binary,
         )
         broker.start()
         assert broker.pid is not None
@@ -232,10 +274,71 @@ class LocalBroker:
             pid=broker.pid,
             started_at=time.time(),
             state_dir=str(self.state_dir.resolve()),
+            username=username,
+            password_file=None if secret is None else str(secret),
+            anonymous=anonymous,
+            broker_passwords=None if passwords is None else str(passwords),
+            max_packet_bytes=MAX_PACKET_BYTES,
         )
         self._write(state)
         log.info("mosquitto pid %d listening on %s", broker.pid, state.url)
         return state
+
+    # -- accounts ---------------------------------------------------------------------------
+
+    @property
+    def passwords(self) -> Path:
+        """The binary broker's mosquitto password file (hashes only)."""
+        return self.state_dir / "passwd"
+
+    @property
+    def acl(self) -> Path:
+        return self.state_dir / "acl"
+
+    @property
+    def secrets_dir(self) -> Path:
+        """Where plain-text passwords live (mode 0600 files): ``<state-dir>/secrets``."""
+        return self.state_dir.parent / "secrets"
+
+    def _fleet_manager_account(self) -> tuple[str, Path]:
+        """The fleet manager's account on the binary broker (username, password file), created
+        on first start and kept afterwards: a restart must not change the password that running
+        clients use."""
+        secret = self.state_dir.parent / FLEET_MANAGER_SECRET
+        ensure_acl(self.acl)
+        if not (secret.exists() and self.passwords.exists()):
+            enroll_fleet_manager(
+                password_file=self.passwords, secrets_file=secret, acl_file=self.acl
+            )
+        return FLEET_MANAGER_USER, secret
+
+    def enroll_devices(self, device_ids: Sequence[str]) -> dict[str, Credentials]:
+        """Give each device an account on the running authenticated broker (a fresh password
+        each time, also written to ``<state-dir>/secrets/DEVICE.password``) and make the broker
+        read it; returns each device's credentials.
+
+        For simulations and tests on the development broker; real devices are enrolled with
+        ``fleet devices enroll``. ``BrokerUnavailableError`` when no authenticated binary broker
+        runs here (docker mode mounts its password file read-only into the container).
+        """
+        state = self.running()
+        if state is None or state.mode != "binary" or state.broker_passwords is None:
+            raise BrokerUnavailableError(
+                "no authenticated local broker runs here to enrol devices on "
+                "('fleet broker start' starts one)"
+            )
+        accounts = {
+            device_id: enroll(
+                device_id,
+                password_file=state.broker_passwords,
+                secrets_file=self.secrets_dir / f"{device_id}.password",
+                acl_file=self.acl,
+            )
+            for device_id in device_ids
+        }
+        assert state.pid is not None
+        reload_broker(state.pid)
+        return accounts
 
     def _docker_command(self) -> str | None:
         docker = self._docker or shutil.which("docker")
@@ -251,7 +354,6 @@ class LocalBroker:
 
     def _start_docker(self, docker: str, compose: Path, timeout_s: float = 30.0) -> BrokerState:
         # The compose file mounts <repo>/.sparsefleet/broker (passwd, acl) next to itself.
-        from fleet.ops.enroll import enroll_fleet_manager  # only docker mode needs accounts
 
         repo_state = compose.parent.parent / ".sparsefleet"
         password_file = repo_state / "broker" / "passwd"

@@ -15,9 +15,9 @@ import torch
 from fleet.runtime.runner import ProgressCallback, RoundReport, RunSpec
 from fleet.sim.core import Faults, SimSpec, device_ids, make_evaluator
 from fleet.sim.memory import simulate_memory
-from fleet.sim.mqtt import simulate_mqtt
+from fleet.sim.mqtt import BrokerLogins, simulate_mqtt
 
-__all__ = ["Faults", "SimSpec", "device_ids", "make_evaluator", "simulate"]
+__all__ = ["BrokerLogins", "Faults", "SimSpec", "device_ids", "make_evaluator", "simulate"]
 
 
 def simulate(
@@ -29,8 +29,12 @@ def simulate(
     broker_url: str | None = None,
     on_progress: ProgressCallback | None = None,
     evaluate_on_test: bool = True,
+    logins: BrokerLogins | None = None,
 ) -> list[RoundReport]:
-    """Run ``run`` on ``sim.devices`` simulated devices and return the round reports."""
+    """Run ``run`` on ``sim.devices`` simulated devices and return the round reports.
+
+    ``broker_url`` and ``logins`` (accounts on an authenticated broker) apply to ``mqtt``.
+    """
     torch.set_num_threads(max(1, sim.torch_threads))
     if transport == "memory":
         return simulate_memory(run, sim, store_dir, on_progress, evaluate_on_test)
@@ -41,4 +45,5 @@ def simulate(
         broker_url=broker_url,
         on_progress=on_progress,
         evaluate_on_test=evaluate_on_test,
+        logins=logins,
     )

@@ -11,7 +11,8 @@ import logging
 import multiprocessing as mp
 import multiprocessing.synchronize
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +25,7 @@ from fleet.runtime.runner import ProgressCallback, RoundReport, Runner, RunSpec
 from fleet.sim.core import (
     PartitionedData,
     SimSpec,
+    device_ids,
     fault_plan,
     make_evaluator,
     partition_lookup,
@@ -36,6 +38,20 @@ log = logging.getLogger(__name__)
 BIRTH_TIMEOUT_S = 120.0
 
 
+@dataclass(frozen=True)
+class BrokerLogins:
+    """Accounts on an authenticated broker: the fleet manager's and each simulated device's.
+
+    ``devices`` maps a device id to its password (the username is the device id, as on a real
+    fleet); a device missing from it connects without credentials. Passwords are left out of
+    ``repr`` so that logging the object never leaks them.
+    """
+
+    fleet_manager: str
+    fleet_manager_password: str = field(repr=False)
+    devices: Mapping[str, str] = field(default_factory=dict, repr=False)
+
+
 def _worker(
     host: str,
     port: int,
@@ -44,12 +60,19 @@ def _worker(
     ready: mp.synchronize.Event,
     stop: mp.synchronize.Event,
     prefix: str,
+    passwords: Mapping[str, str],
 ) -> None:  # runs in a child process
     logging.basicConfig(level=logging.WARNING)
     torch.set_num_threads(max(1, sim.torch_threads))
     data = PartitionedData(sim)
     agents = start_agents(
-        lambda device_id: MqttTransport(device_id, host=host, port=port),
+        lambda device_id: MqttTransport(
+            device_id,
+            host=host,
+            port=port,
+            username=device_id if device_id in passwords else None,
+            password=passwords.get(device_id),
+        ),
         sim,
         data,
         Topics(prefix),
@@ -68,7 +91,15 @@ def _worker(
 class DeviceFleet:
     """Simulated devices in worker processes, connected to ``host:port``."""
 
-    def __init__(self, host: str, port: int, sim: SimSpec, *, prefix: str = "fl/v1") -> None:
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        sim: SimSpec,
+        *,
+        prefix: str = "fl/v1",
+        passwords: Mapping[str, str] | None = None,
+    ) -> None:
         ctx = mp.get_context("spawn")
         self._stop = ctx.Event()
         self._procs: list[Any] = []
@@ -77,9 +108,11 @@ class DeviceFleet:
         for w in range(workers):
             ready = ctx.Event()
             indices = list(range(w, sim.devices, workers))
+            ids = device_ids(sim.devices)
+            mine = {ids[i]: passwords[ids[i]] for i in indices if passwords and ids[i] in passwords}
             proc = ctx.Process(
                 target=_worker,
-                args=(host, port, sim, indices, ready, self._stop, prefix),
+                args=(host, port, sim, indices, ready, self._stop, prefix, mine),
                 name=f"sim-devices-{w}",
                 daemon=True,
             )
@@ -109,8 +142,13 @@ def simulate_mqtt(
     broker_url: str | None = None,
     on_progress: ProgressCallback | None = None,
     evaluate_on_test: bool = True,
+    logins: BrokerLogins | None = None,
 ) -> list[RoundReport]:
-    """Run ``run`` over MQTT with ``sim.devices`` simulated devices; return the round reports."""
+    """Run ``run`` over MQTT with ``sim.devices`` simulated devices; return the round reports.
+
+    ``logins``: the accounts to use on an authenticated ``broker_url``; the throw-away broker
+    started when ``broker_url`` is None is anonymous and needs none.
+    """
     broker: MosquittoBroker | None = None
     if broker_url is None:
         broker = MosquittoBroker(state_dir=Path(tempfile.mkdtemp(prefix="sparsefleet-sim-")))
@@ -119,11 +157,18 @@ def simulate_mqtt(
     else:
         address = parse_broker_url(broker_url)
         host, port = address.host, address.port
-    fleet = DeviceFleet(host, port, sim)
+    fleet = DeviceFleet(host, port, sim, passwords=None if logins is None else logins.devices)
     store = Store(store_dir)
     try:
         fleet.wait_ready()
-        transport = MqttTransport("fleet-manager", host=host, port=port, manual_ack=True)
+        transport = MqttTransport(
+            "fleet-manager" if logins is None else logins.fleet_manager,
+            host=host,
+            port=port,
+            manual_ack=True,
+            username=None if logins is None else logins.fleet_manager,
+            password=None if logins is None else logins.fleet_manager_password,
+        )
         runner = Runner(
             run,
             transport,
