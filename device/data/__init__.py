@@ -52,7 +52,7 @@ from device.data.partitioners import (
     partitioner_names,
     shards,
 )
-from device.data.registry import DATASETS, dataset_names, load_dataset
+from device.data.registry import DATASETS, check_dataset, dataset_names, load_dataset
 
 __all__ = [
     "DATASETS",
@@ -67,6 +67,7 @@ __all__ = [
     "Dataset",
     "IndexArray",
     "Split",
+    "check_dataset",
     "dataset_names",
     "dirichlet",
     "download_mnist",

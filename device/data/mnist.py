@@ -66,8 +66,9 @@ def _missing_mnist(directory: Path, split: str, missing: list[str]) -> DataError
     where = "does not exist" if not directory.is_dir() else f"lacks {', '.join(missing)}"
     return DataError(
         f"MNIST {split} split not found: directory {directory} {where}. Expected {names} "
-        f"there. Download them with --download (device.data.download_mnist, needs internet), or "
-        f"copy the files from a machine that has them (a torchvision MNIST/raw folder works)."
+        f'there. Download them (needs internet) with python -c "from device.data import '
+        f"download_mnist; download_mnist('{directory}')\", or copy the files from a machine "
+        f"that has them (a torchvision MNIST/raw folder works)."
     )
 
 
@@ -100,11 +101,11 @@ def _sha256sums_for(directory: Path, verify: bool) -> tuple[dict[str, str] | Non
     return (read_sha256sums(sums_path) if verify and sums_path.is_file() else None), sums_path
 
 
-def _load_mnist_arrays(
-    directory: Path, split: str, verify: bool
-) -> tuple[npt.NDArray[np.uint8], npt.NDArray[np.uint8]]:
-    """Raw uint8 images ``[N, 28, 28]`` and labels ``[N]`` of ``split``, checked."""
+def mnist_files(directory: str | os.PathLike[str], split: str) -> tuple[Path, Path]:
+    """The images and labels files of ``split`` in ``directory`` (``.gz`` preferred), without
+    reading them; ``DataError`` naming the directory and what to do when one is missing."""
     check_split(split)
+    directory = Path(directory)
     names = MNIST_FILES[split]
     paths = [_find_file(directory, n) for n in names]
     missing = [n for n, p in zip(names, paths, strict=True) if p is None]
@@ -112,6 +113,14 @@ def _load_mnist_arrays(
         raise _missing_mnist(directory, split, missing)
     images_path, labels_path = paths
     assert images_path is not None and labels_path is not None
+    return images_path, labels_path
+
+
+def _load_mnist_arrays(
+    directory: Path, split: str, verify: bool
+) -> tuple[npt.NDArray[np.uint8], npt.NDArray[np.uint8]]:
+    """Raw uint8 images ``[N, 28, 28]`` and labels ``[N]`` of ``split``, checked."""
+    images_path, labels_path = mnist_files(directory, split)
     sums, sums_path = _sha256sums_for(directory, verify)
     listed = [p for p in (images_path, labels_path) if sums is not None and p.name in sums]
     for path in listed:

@@ -14,22 +14,30 @@ from typing import Any
 
 from device.data.dataset import Dataset, Split, check_split
 from device.data.digits import load_digits
-from device.data.mnist import MNIST_FILES, load_mnist
+from device.data.mnist import MNIST_FILES, load_mnist, mnist_files
 from device.errors import DataError
 
-__all__ = ["DATASETS", "dataset_names", "load_dataset"]
+__all__ = ["DATASETS", "check_dataset", "dataset_names", "load_dataset"]
 
 
-def _load_mnist_entry(
-    data_dir: str | os.PathLike[str] | None, split: Split, **kwargs: Any
-) -> Dataset:
+def _mnist_dir(data_dir: str | os.PathLike[str] | None) -> str | os.PathLike[str]:
     if data_dir is None:
         raise DataError(
             "dataset 'mnist' reads IDX files from a directory, and none was given: pass "
             "data_dir (the CLI's --data-dir); files expected there: "
             + ", ".join(f"{n}.gz" for pair in MNIST_FILES.values() for n in pair)
         )
-    return load_mnist(data_dir, split=split, **kwargs)
+    return data_dir
+
+
+def _load_mnist_entry(
+    data_dir: str | os.PathLike[str] | None, split: Split, **kwargs: Any
+) -> Dataset:
+    return load_mnist(_mnist_dir(data_dir), split=split, **kwargs)
+
+
+def _check_mnist(data_dir: str | os.PathLike[str] | None, split: Split) -> None:
+    mnist_files(_mnist_dir(data_dir), split)
 
 
 def _load_digits_entry(
@@ -44,6 +52,25 @@ DATASETS: dict[str, Callable[..., Dataset]] = {
     "mnist": _load_mnist_entry,
     "digits": _load_digits_entry,
 }
+
+
+#: name -> a cheap check ``(data_dir, split) -> None`` that the files the loader reads are
+#: there (``DataError`` if not), without reading them; datasets without files have none.
+CHECKS: dict[str, Callable[[str | os.PathLike[str] | None, Split], None]] = {
+    "mnist": _check_mnist,
+}
+
+
+def check_dataset(name: str, data_dir: str | os.PathLike[str] | None, split: Split) -> None:
+    """Raise ``DataError`` when dataset ``name``'s ``split`` cannot be read from ``data_dir``
+    (what `fleet config check` asks before a run needs the data); ``ValueError`` for an unknown
+    name or split."""
+    if name not in DATASETS:
+        raise ValueError(f"unknown dataset {name!r}; known: {', '.join(dataset_names())}")
+    check_split(split)
+    check = CHECKS.get(name)
+    if check is not None:
+        check(data_dir, split)
 
 
 def dataset_names() -> list[str]:

@@ -6,8 +6,9 @@ from pathlib import Path
 
 import click
 
+from device.config import read_yaml
 from fleet.cli.context import Env, emit_json, json_option, pass_env
-from fleet.cli.runfile import describe, load_config
+from fleet.cli.runfile import check_data, describe, load_config
 
 
 @click.group()
@@ -20,8 +21,11 @@ def config() -> None:
 @json_option
 @pass_env
 def config_check(env: Env, file: Path, as_json: bool) -> None:
-    """Validate a run file (types, known keys, strategy options, model vs dataset)."""
+    """Validate a run file (types, known keys, strategy options, model vs dataset) and check
+    that the data it will read is there (the test split; the training split too when the file
+    has a `simulation` section)."""
     loaded = load_config(file)
+    check_data(loaded, file, simulated="simulation" in (read_yaml(file).value or {}))
     summary = describe(loaded, file)
     if as_json:
         emit_json({"ok": True, **summary})

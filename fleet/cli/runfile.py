@@ -37,8 +37,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 from device.config import load, read_yaml
-from device.data import dataset_names, partitioner_names
-from device.errors import ConfigError
+from device.data import Split, check_dataset, dataset_names, partitioner_names
+from device.errors import ConfigError, DataError
 from device.models import model_names, model_spec
 from device.wire.messages import LocalTraining
 from device.wire.mqtt import TlsSettings, parse_broker_url
@@ -340,6 +340,26 @@ def load_config(path: str | Path) -> FleetConfig:
                 f"{config.data.dataset!r} has {expected}",
             )
     return config
+
+
+def check_data(config: FleetConfig, path: str | Path, *, simulated: bool) -> None:
+    """The dataset files the run will read are there, without reading them: the test split
+    when the fleet manager evaluates, the training split too when the run is simulated (its
+    devices are partitions of it). ``ConfigError`` at ``data.data_dir`` naming the directory
+    and what to do; nothing to check without a ``data`` section or for bundled datasets."""
+    data = config.data
+    if data is None:
+        return
+    splits: list[Split] = []
+    if simulated:
+        splits.append("train")
+    if data.evaluate:
+        splits.append("test")
+    for split in splits:
+        try:
+            check_dataset(data.dataset, data.data_dir, split)
+        except DataError as exc:
+            raise _located(Path(path), "data.data_dir", str(exc)) from None
 
 
 def run_spec(config: FleetConfig, run_id: str) -> RunSpec:

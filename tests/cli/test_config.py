@@ -5,9 +5,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
 
+from device.data import MNIST_FILES, write_idx
 from device.errors import ConfigError
 from fleet.cli.runfile import (
     check_run_id,
@@ -41,12 +43,28 @@ def test_the_examples_exist() -> None:
     } <= names
 
 
+def _tiny_mnist(directory: Path) -> None:
+    """Four small IDX files under the names MNIST's loader looks for (8 images a split)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    for split, (images, labels) in MNIST_FILES.items():
+        del split
+        write_idx(directory / f"{images}.gz", rng.integers(0, 256, (8, 28, 28), dtype=np.uint8))
+        write_idx(directory / f"{labels}.gz", rng.integers(0, 10, 8, dtype=np.uint8))
+
+
 @pytest.mark.parametrize("example", EXAMPLES, ids=lambda p: p.name)
-def test_every_example_passes_config_check(fleet: Fleet, example: Path) -> None:
-    """A shipped example that fails validation would be the first thing a user tries."""
-    result = fleet("config", "check", example)
+def test_every_example_passes_config_check(fleet: Fleet, example: Path, tmp_path: Path) -> None:
+    """A shipped example that fails validation would be the first thing a user tries. The MNIST
+    examples read ../data/mnist relative to themselves: copies beside small IDX files stand in
+    for the real data set (config check looks for the files, it does not train)."""
+    copy = tmp_path / "examples" / example.name
+    copy.parent.mkdir()
+    copy.write_text(example.read_text())
+    _tiny_mnist(tmp_path / "data" / "mnist")
+    result = fleet("config", "check", copy)
     assert result.exit_code == 0, result.output
-    assert f"{example}: OK" in result.stdout
+    assert f"{copy}: OK" in result.stdout
     config = load_config(example)
     # The strategy the file names accepts its options (what `run start` will build).
     create_strategy(config.run.strategy, **run_spec(config, "x").strategy_options)
@@ -192,3 +210,43 @@ def test_the_dense_baseline_changes_only_the_strategy() -> None:
         feddst.run.training,
     )
     assert fedavg.data == feddst.data and fedavg.simulation == feddst.simulation
+
+
+def test_config_check_fails_when_the_data_the_run_needs_is_missing(
+    fleet: Fleet, tmp_path: Path
+) -> None:
+    """Regression (issue 23, item 7): config check said OK for an MNIST run whose data
+    directory does not exist, and `run start` then failed with exit 6."""
+    example = Path(__file__).resolve().parents[2] / "examples" / "mnist-feddst.yaml"
+    copy = tmp_path / "examples" / "mnist-feddst.yaml"
+    copy.parent.mkdir()
+    copy.write_text(example.read_text())
+    result = fleet("config", "check", copy)
+    assert result.exit_code == 3
+    line = error_line(result)
+    assert "data.data_dir" in line and "MNIST" in line and "does not exist" in line
+    assert str(tmp_path / "examples" / ".." / "data" / "mnist") in line
+
+
+def test_config_check_needs_the_training_split_only_for_simulations(
+    fleet: Fleet, tmp_path: Path
+) -> None:
+    """A run for real devices reads only the test split on the fleet manager; a simulated run
+    partitions the training split over its devices, so it needs both."""
+    data = tmp_path / "mnist"
+    data.mkdir()
+    rng = np.random.default_rng(0)
+    images, labels = MNIST_FILES["test"]
+    write_idx(data / f"{images}.gz", rng.integers(0, 256, (8, 28, 28), dtype=np.uint8))
+    write_idx(data / f"{labels}.gz", rng.integers(0, 10, 8, dtype=np.uint8))
+    body = (
+        "run:\n  model: mnist_cnn\n  strategy: fedavg\n  rounds: 1\n  clients_per_round: 1\n"
+        f"data:\n  dataset: mnist\n  data_dir: {data}\n"
+    )
+    real = tmp_path / "real.yaml"
+    real.write_text(body)
+    assert fleet("config", "check", real).exit_code == 0
+    simulated = tmp_path / "sim.yaml"
+    simulated.write_text(body + "simulation:\n  devices: 2\n")
+    result = fleet("config", "check", simulated)
+    assert result.exit_code == 3 and "MNIST train split not found" in error_line(result)
