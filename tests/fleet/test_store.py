@@ -90,7 +90,7 @@ def test_database_is_in_wal_mode_with_foreign_keys(store: Store) -> None:
         assert raw.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
     finally:
         raw.close()
-    conn = store._conn()
+    conn = store._db.conn()  # the store's own connection: its per-connection settings
     assert conn.execute("PRAGMA foreign_keys").fetchone()[0] == 1
     assert conn.execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL
     assert store.schema_version() == SCHEMA_VERSION
@@ -193,10 +193,10 @@ def test_crash_between_file_and_row_leaves_a_harmless_file(
     @contextlib.contextmanager
     def crash(*, durable: bool = True) -> Iterator[sqlite3.Connection]:
         raise KeyboardInterrupt("killed before the row was written")
-        yield store._conn()  # pragma: no cover
+        yield store._db.conn()  # pragma: no cover
 
     with monkeypatch.context() as m:
-        m.setattr(store, "_write", crash)
+        m.setattr(store._db, "write", crash)  # every write transaction starts here
         with pytest.raises(KeyboardInterrupt):
             store.record_update(RUN, 1, "d1", b"orphan payload", 3)
     orphan = store.blob_path(hashlib.sha256(b"orphan payload").hexdigest())
@@ -217,7 +217,7 @@ def test_row_is_not_written_when_the_file_write_fails(
     def disk_full(data: bytes) -> str:
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(store, "write_blob", disk_full)
+    monkeypatch.setattr(store._files, "write", disk_full)  # every tensor file is written here
     with pytest.raises(OSError, match="No space"):
         store.record_update(RUN, 1, "d1", b"never stored", 3)
     assert store.get_update(RUN, 1, "d1") is None
@@ -475,7 +475,7 @@ def test_migration_hook_applies_each_new_version_once(tmp_path: Path) -> None:
     upgraded = (*MIGRATIONS, Migration(SCHEMA_VERSION + 1, "run owner", add_column))
     with Store(root, migrations=upgraded) as s:
         assert s.schema_version() == SCHEMA_VERSION + 1
-        columns = [r["name"] for r in s._conn().execute("PRAGMA table_info(runs)")]
+        columns = [r["name"] for r in s._db.conn().execute("PRAGMA table_info(runs)")]
         assert "owner" in columns
     with Store(root, migrations=upgraded) as s:  # would fail if the ALTER ran again
         assert s.schema_version() == SCHEMA_VERSION + 1
