@@ -53,7 +53,8 @@ from device.wire.messages import (
 from device.wire.pb import sparsefleet_pb2 as pb
 from device.wire.topics import Topics
 from device.wire.transport import Message
-from fleet.runtime.runner import Runner, RunSpec, _RoundState
+from fleet.runtime.collection import RoundState
+from fleet.runtime.runner import Runner, RunSpec
 from fleet.state.store import Store
 from fleet.strategies.base import GlobalModel
 
@@ -419,7 +420,7 @@ class Handler:
     it collects updates."""
 
     runner: Runner
-    state: _RoundState
+    state: RoundState
     transport: MemoryTransport
     store: Store
     errors: list[logging.LogRecord]
@@ -457,7 +458,7 @@ def handler(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Handler]
     logger = logging.getLogger("fleet.runtime.runner")
     logger.addHandler(capture)
     try:
-        yield Handler(runner, _RoundState(1, SELECTED, deadline), transport, store, records)
+        yield Handler(runner, RoundState(1, SELECTED, deadline), transport, store, records)
     finally:
         logger.removeHandler(capture)
         store.close()

@@ -1,0 +1,114 @@
+"""What the runner publishes: the global model (retained), commands to devices, fleet status.
+
+Every message is an ``envelope`` on a topic built by ``Topics``; commands carry the correlation
+id ``{run}/{round}/{device}`` and go out with QoS 1 without waiting for the broker's
+acknowledgement (the round's deadline covers a lost one).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+
+from device.wire import envelope
+from device.wire.messages import (
+    CancelCommand,
+    Envelope,
+    FleetStatus,
+    InitialPruneCommand,
+    ModelSnapshot,
+    RoundCommand,
+)
+from device.wire.topics import Topics
+from device.wire.transport import Transport, Will
+from fleet.runtime.checkpoint import CurrentModel
+
+
+class Commands:
+    """The runner's outgoing messages for one run.
+
+    ``snapshot_bytes`` is the size of the last model snapshot published (bytes), counted as
+    download traffic of every device commanded to train on it.
+    """
+
+    def __init__(
+        self,
+        run_id: str,
+        transport: Transport,
+        topics: Topics,
+        current: CurrentModel,
+        *,
+        partition_for: Callable[[str], str],
+        clock: Callable[[], float],
+    ) -> None:
+        self.run_id = run_id
+        self.transport = transport
+        self.topics = topics
+        self.current = current
+        self.partition_for = partition_for
+        self.clock = clock
+        self.snapshot_bytes = 0
+        self._published_version: int | None = None
+
+    def will(self) -> Will:
+        """The last will: the fleet status "offline", retained, should the connection drop."""
+        payload = envelope.encode(Envelope(body=FleetStatus(online=False, run_id=self.run_id)))
+        return Will(self.topics.fleet_status(), payload)
+
+    def publish_model(self) -> None:
+        """Publish the current model retained on the run's model topic, once per version."""
+        model = self.current.model
+        assert model is not None
+        if self._published_version == model.version:
+            return
+        snapshot = ModelSnapshot(
+            model_name=model.model_name,
+            version=model.version,
+            digest=self.current.digest,
+            mask_version=self.current.mask_version,
+            weights=model.weights,
+            masks=model.masks,
+        )
+        payload = envelope.encode(Envelope(body=snapshot, run_id=self.run_id))
+        self.transport.publish(self.topics.run_model(self.run_id), payload, qos=1, retain=True)
+        self.snapshot_bytes = len(payload)
+        self._published_version = model.version
+
+    def send(
+        self, device_id: str, round_: int, body: RoundCommand | CancelCommand | InitialPruneCommand
+    ) -> int:
+        """Send ``body`` to one device; returns the bytes published."""
+        payload = envelope.encode(
+            Envelope(
+                body=body,
+                run_id=self.run_id,
+                round=round_,
+                device_id=device_id,
+                correlation_id=f"{self.run_id}/{round_}/{device_id}",
+            )
+        )
+        self.transport.publish(self.topics.dev_cmd(device_id), payload, qos=1, wait=False)
+        return len(payload)
+
+    def send_round(self, device_id: str, round_: int, command: RoundCommand) -> int:
+        """Send a round command, naming the device's data partition when it has one."""
+        partition = self.partition_for(device_id)
+        if partition:
+            command = dataclasses.replace(command, partition=partition)
+        return self.send(device_id, round_, command)
+
+    def fleet_status(self, round_: int, selected: int, received: int) -> None:
+        """Publish the retained fleet status: online, at ``round_`` with these counts."""
+        payload = envelope.encode(
+            Envelope(
+                body=FleetStatus(
+                    online=True,
+                    run_id=self.run_id,
+                    round=round_,
+                    selected=selected,
+                    received=received,
+                    timestamp_unix_s=self.clock(),
+                )
+            )
+        )
+        self.transport.publish(self.topics.fleet_status(), payload, qos=1, retain=True, wait=False)
