@@ -31,6 +31,7 @@ close and unfinished transfers after ``CHUNK_MAX_AGE_S``.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -200,12 +201,19 @@ class AggregatorWorker:
 
         ctx = self._rounds.get(round_) or self._context()
         try:
-            if ctx is None:
-                raise ValidationError(f"round {round_} is not open", reason="late")
-            if self.store.get_update(self.run_id, round_, device_id) is not None:
-                log.info("duplicate update from %s for round %d ignored", device_id, round_)
+            stored = self.store.get_update(self.run_id, round_, device_id)
+            if stored is not None:
+                if stored.payload_digest != hashlib.sha256(message.payload).hexdigest():
+                    raise ValidationError(
+                        f"a different update for round {round_} after the one already stored",
+                        reason="duplicate",
+                    )
+                # A redelivery, or somebody's replay: changes nothing, counts against nobody.
+                log.info("repeated update from %s for round %d ignored", device_id, round_)
                 ack()
                 return
+            if ctx is None:
+                raise self._not_open(round_)
             update, result = self._validate(ctx, device_id, round_, message.payload)
             try:
                 is_new = self.store.record_update(
@@ -217,7 +225,7 @@ class AggregatorWorker:
                     {"train_s": update.train_s, "worker": self.worker_id},
                 )
             except StoreConflictError as exc:
-                raise ValidationError(str(exc), reason="late") from exc
+                raise self._not_open(round_, str(exc)) from exc
         except ValidationError as exc:
             log.warning(
                 "worker %s rejected %s round %d: %s", self.worker_id, device_id, round_, exc
@@ -231,6 +239,20 @@ class AggregatorWorker:
             assert ctx is not None
             ctx.acc.add_sparse(result)
             self.accepted += 1
+
+    def _not_open(self, round_: int, detail: str = "") -> ValidationError:
+        """Why an update for a round that is not open is refused, by its round alone (as the
+        runner judges it): ``late`` for the round that closed last, ``stale_round`` for older
+        ones, ``future_round`` for one not opened yet."""
+        current = self.store.get_run(self.run_id).current_round  # the last round opened
+        last_closed = current - 1 if self.store.find_open_round(self.run_id) else current
+        if round_ > current:
+            reason = "future_round"
+        elif round_ >= last_closed:
+            reason = "late"
+        else:
+            reason = "stale_round"
+        return ValidationError(detail or f"round {round_} is not open", reason=reason)
 
     # -- chunked updates: reassembly through the store ---------------------------------------
 
