@@ -2,10 +2,18 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import click
 
+from device.errors import NotFoundError
+from device.wire.topics import Topics
 from fleet.cli import render
-from fleet.cli.context import Env, emit_json, json_option, pass_env
+from fleet.cli.context import Env, emit_json, json_option, pass_env, path_or_none
+from fleet.cli.runfile import BrokerConfig
+from fleet.ops.local_broker import BrokerState
+from fleet.runtime.presence import read_retained, stray_retained
+from fleet.state.store import RunStatus
 
 
 @click.group()
@@ -63,11 +71,38 @@ def broker_stop(env: Env) -> None:
 @json_option
 @pass_env
 def broker_status(env: Env, as_json: bool) -> None:
-    """Is the local broker running, and where."""
+    """Is the local broker running, and where; and any stray retained messages under the
+    fleet's prefix (retained commands, updates, models of ended runs)."""
     local = env.local_broker()
     state = local.recorded()
     running = state is not None and local.is_running(state)
+    strays = _stray_retained(env, state) if running and state is not None else []
     if as_json:
-        emit_json({"running": running, **(state.to_json() if state else {})})
-    else:
-        env.console.print(render.broker_status(state, running))
+        extra = {"stray_retained": strays} if running else {}
+        emit_json({"running": running, **(state.to_json() if state else {}), **extra})
+        return
+    env.console.print(render.broker_status(state, running))
+    if strays:
+        env.console.print(
+            f"[bold yellow]{len(strays)} stray retained message(s)[/] under the fleet's prefix "
+            f"(clear one with an empty retained publish): {', '.join(strays[:10])}"
+            + (" ..." if len(strays) > 10 else "")
+        )
+
+
+def _stray_retained(env: Env, state: BrokerState) -> list[str]:
+    """Retained topics under the default prefix that nothing should hold retained."""
+    topics = Topics()
+    password = None
+    if state.username is not None:
+        password = BrokerConfig(
+            username=state.username, password_file=path_or_none(state.password_file)
+        ).password()
+    held = read_retained(
+        state.url, f"{topics.prefix}/#", username=state.username, password=password
+    )
+    running: list[str] = []
+    # no store yet: no run is running
+    with contextlib.suppress(NotFoundError), env.store() as store:
+        running = [r.run_id for r in store.list_runs(status=RunStatus.RUNNING)]
+    return stray_retained(topics, [m.topic for m in held], running)

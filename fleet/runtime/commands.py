@@ -8,7 +8,7 @@ acknowledgement (the round's deadline covers a lost one).
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 from device.wire import envelope
 from device.wire.messages import (
@@ -96,6 +96,18 @@ class Commands:
         if partition:
             command = dataclasses.replace(command, partition=partition)
         return self.send(device_id, round_, command)
+
+    def clear_retained(self, device_ids: Iterable[str]) -> None:
+        """Clear the retained messages this run owns once it has ended: its model, and anything
+        retained on the command topics of the devices it commanded (the fleet manager never
+        retains a command, but on a broker where others may publish there, a retained command
+        would be replayed to the device at every reconnect). An empty retained publish clears a
+        topic; the agent ignores the empty message it is also delivered."""
+        self.transport.publish(self.topics.run_model(self.run_id), b"", qos=1, retain=True)
+        for device_id in sorted(set(device_ids)):
+            self.transport.publish(
+                self.topics.dev_cmd(device_id), b"", qos=1, retain=True, wait=False
+            )
 
     def fleet_status(self, round_: int, selected: int, received: int) -> None:
         """Publish the retained fleet status: online, at ``round_`` with these counts."""

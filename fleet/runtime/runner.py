@@ -250,11 +250,18 @@ class Runner:
         for round_ in range(first, spec.rounds + 1):
             if self._stop:
                 self.store.set_run_status(spec.run_id, "stopped", error="stopped by request")
+                self._clear_retained()
                 return self.reports
             self.reports.append(self._round(round_))
         self.store.set_run_status(spec.run_id, "finished")
         self.commands.fleet_status(round_=spec.rounds, selected=0, received=0)
+        self._clear_retained()
         return self.reports
+
+    def _clear_retained(self) -> None:
+        """The run has ended: nothing it owns stays retained on the broker."""
+        commanded = {d for r in self.store.rounds(self.spec.run_id) for d in r.selected}
+        self.commands.clear_retained(commanded)
 
     # -- one round -------------------------------------------------------------------------
 

@@ -147,3 +147,20 @@ def test_an_mqtt_simulation_on_the_local_broker_enrols_its_devices(local: Fleet)
     assert "the local broker" in result.stdout or "mqtt://127.0.0.1" in result.stdout
     for i in range(4):
         assert (local.state_dir / "secrets" / f"sim-{i:04d}.password").exists()
+
+
+@pytest.mark.integration
+def test_broker_status_reports_stray_retained_messages(local: Fleet) -> None:
+    """Retained messages on fleet topics that nothing should retain (issue 23, item 6)."""
+    port = _start(local)
+    status = json.loads(local("broker", "status", "--json").stdout)
+    assert status["stray_retained"] == []
+    password = Path(status["password_file"]).read_text().strip()
+    login = ["-u", "fleet-manager", "-P", password]
+    assert _pub(port, "-i", "p1", *login, "-r", "-t", "fl/v1/dev/pi-1/cmd").returncode == 0
+    assert _pub(port, "-i", "p2", *login, "-r", "-t", "fl/v1/dev/pi-1/status").returncode == 0
+
+    status = json.loads(local("broker", "status", "--json").stdout)
+    assert status["stray_retained"] == ["fl/v1/dev/pi-1/cmd"]  # a device's status is expected
+    shown = local("broker", "status")
+    assert "1 stray retained message" in shown.stdout and "fl/v1/dev/pi-1/cmd" in shown.stdout
