@@ -104,9 +104,8 @@ def run_worker(
         store.close()
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m fleet.runtime.aggregator run``: one worker until SIGTERM/SIGINT. Returns the exit
-    status (``fleet aggregator run`` is the same through the CLI)."""
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of ``python -m fleet.runtime.aggregator``."""
     parser = argparse.ArgumentParser(prog="fleet aggregator", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="run one aggregator worker")
@@ -122,6 +121,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     run.add_argument("--cert-file", type=Path, help="client certificate")
     run.add_argument("--key-file", type=Path, help="client certificate's key")
     run.add_argument("--insecure", action="store_true", help="skip the TLS host-name check")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m fleet.runtime.aggregator run``: one worker until SIGTERM/SIGINT. Returns the
+    exit status (``fleet aggregator run`` is the same through the CLI)."""
+    parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     login = BrokerLogin(
