@@ -191,7 +191,11 @@ class DeviceAgent:
 
     def _dispatch_loop(self) -> None:
         while not self._stop.is_set():
-            message = self.transport.get(timeout_s=0.2)
+            try:
+                message = self.transport.get(timeout_s=0.2)
+            except SparseFleetError as exc:  # the transport gave up for good (id taken over)
+                log.error("%s: stopped receiving: %s", self.device_id, exc)
+                return
             if message is None:
                 continue
             try:

@@ -4,8 +4,13 @@
     fleet-device check --config device.yaml     validate config, data and broker reachability
     fleet-device profile [--model NAME]         measure this device's per-layer speed
 
-SparseFleet errors exit with their ``exit_code`` (device/errors.py) and one line on stderr.
-SIGTERM (systemd stop) abandons the current job, publishes the offline status and exits 0.
+Every error a user can cause ends the command with one line on stderr, ``fleet-device: error:
+...``, and a documented exit code (docs/cli.md, "fleet-device"): a SparseFleet error exits with
+its ``exit_code`` (device/errors.py: 3 configuration, 4 broker, 5 not found, 6 data), a usage
+error (a bad option) with 2, Ctrl-C before the agent runs with 130. The config is checked when
+it loads, before anything connects (``device.settings``). SIGTERM (systemd stop) abandons the
+current job, publishes the offline status and exits 0; losing the client id to another client
+(``SessionTakenOverError``) stops the agent with exit code 4.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ import logging
 import signal
 import sys
 import threading
+import typing
 from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
@@ -32,14 +38,34 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("fleet-device")
 
+USAGE_EXIT = 2  # argparse's exit status for a usage error, kept
+INTERRUPTED_EXIT = 130  # 128 + SIGINT, as shells report it
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line (what was wrong, and where to read more)."""
+
+    def error(self, message: str) -> typing.NoReturn:
+        self.exit(USAGE_EXIT, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="fleet-device",
         description="SparseFleet device agent: trains a sparse subnetwork for a fleet manager.",
     )
     parser.add_argument("--version", action="version", version=f"fleet-device {__version__}")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     run = sub.add_parser("run", help="run the agent until stopped (SIGTERM/SIGINT)")
     run.add_argument("--config", "-c", type=Path, required=True, help="device YAML file")
     check = sub.add_parser("check", help="validate the config, the data and the broker")
@@ -47,8 +73,8 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--no-broker", action="store_true", help="do not try to connect")
     profile = sub.add_parser("profile", help="measure per-layer step times (JSON on stdout)")
     profile.add_argument("--model", default="mnist_cnn", help="registered model name")
-    profile.add_argument("--batch-size", type=int, default=20)
-    profile.add_argument("--repeats", type=int, default=5)
+    profile.add_argument("--batch-size", type=_positive_int, default=20)
+    profile.add_argument("--repeats", type=_positive_int, default=5)
     return parser
 
 
@@ -79,6 +105,7 @@ def make_transport(config: DeviceConfig) -> MqttTransport:
         tls=tls,
         session_expiry_s=broker.session_expiry_s,
         keepalive_s=broker.keepalive_s,
+        connect_timeout_s=broker.connect_timeout_s,
     )
 
 
@@ -124,9 +151,11 @@ def cmd_run(config_path: Path) -> int:
     signal.signal(signal.SIGINT, on_signal)
     agent.start()
     log.info("device %s online (agent %s)", config.device_id, __version__)
-    while not stopping.wait(0.5):
+    while not stopping.wait(0.5) and transport.failure is None:
         pass
     agent.stop(abandon=True)
+    if transport.failure is not None:  # another client took our id: do not fight over it
+        raise transport.failure
     log.info("device %s offline", config.device_id)
     return 0
 
@@ -138,7 +167,7 @@ def cmd_check(config_path: Path, *, broker: bool) -> int:
     print(f"data: {config.data.dataset}: {len(data)} training examples")
     if broker:
         transport = make_transport(config)
-        transport.connect(timeout_s=10.0)
+        transport.connect()
         transport.close()
         print(f"broker: {config.broker.url}: connected as {config.device_id}")
     return 0
@@ -161,12 +190,27 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "check":
             return cmd_check(args.config, broker=not args.no_broker)
         if args.command == "profile":
+            from device.models import model_names  # torch: only for the command that needs it
+
+            if args.model not in model_names():
+                parser.error(
+                    f"argument --model: unknown model {args.model!r}; "
+                    f"known: {', '.join(model_names())}"
+                )
             return cmd_profile(args.model, args.batch_size, args.repeats)
         parser.print_help()
         return 0
     except SparseFleetError as exc:
-        print(f"fleet-device: error: {exc}", file=sys.stderr)
+        print(f"fleet-device: error: {_one_line(str(exc))}", file=sys.stderr)
         return exc.exit_code
+    except KeyboardInterrupt:  # before the agent's own handler is installed
+        print("fleet-device: interrupted", file=sys.stderr)
+        return INTERRUPTED_EXIT
+
+
+def _one_line(message: str) -> str:
+    """Messages may quote a file's text; the error stays one line on stderr."""
+    return " ".join(message.splitlines())
 
 
 if __name__ == "__main__":

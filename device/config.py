@@ -41,20 +41,35 @@ class _Located:
     key_lines: Mapping[str, int] = dataclasses.field(default_factory=dict)  # mappings only
 
 
-def _to_plain(node: yaml.Node) -> _Located:
-    """Convert a composed YAML node into plain values wrapped with their line numbers."""
+def _construct(node: yaml.Node) -> Any:
+    """The plain value of one composed node, exactly as ``yaml.safe_load`` would build it (an
+    empty value, ``key:``, is ``None``)."""
+    return yaml.SafeLoader("").construct_document(node)
+
+
+def _to_plain(node: yaml.Node, path: Path) -> _Located:
+    """Convert a composed YAML node into plain values wrapped with their line numbers.
+
+    A key given twice in one mapping is a ``ConfigError`` (YAML loaders silently keep the last
+    one, so the first, often a whole section, would be ignored without a word)."""
     line = node.start_mark.line + 1
     if isinstance(node, yaml.MappingNode):
         out: dict[str, _Located] = {}
         key_lines: dict[str, int] = {}
         for key_node, value_node in node.value:
-            key = str(yaml.safe_load(yaml.serialize(key_node)))
-            out[key] = _to_plain(value_node)
-            key_lines[key] = key_node.start_mark.line + 1
+            key = str(_construct(key_node))
+            key_line = key_node.start_mark.line + 1
+            if key in out:
+                raise ConfigError(
+                    f"{path}:{key_line}: {key}: given twice in one mapping (first on line "
+                    f"{key_lines[key]})"
+                )
+            out[key] = _to_plain(value_node, path)
+            key_lines[key] = key_line
         return _Located(out, line, key_lines)
     if isinstance(node, yaml.SequenceNode):
-        return _Located([_to_plain(v) for v in node.value], line)
-    return _Located(yaml.safe_load(yaml.serialize(node)), line)
+        return _Located([_to_plain(v, path) for v in node.value], line)
+    return _Located(_construct(node), line)
 
 
 def read_yaml(path: Path) -> _Located:
@@ -64,6 +79,8 @@ def read_yaml(path: Path) -> _Located:
         raise ConfigError(f"{path}: no such file") from None
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read: {exc.strerror}") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {exc.start})") from None
     try:
         node = yaml.compose(text, Loader=yaml.SafeLoader)
     except yaml.YAMLError as exc:
@@ -73,7 +90,13 @@ def read_yaml(path: Path) -> _Located:
         raise ConfigError(f"{path}{where}: not valid YAML: {problem}") from None
     if node is None:
         return _Located({}, 1)
-    return _to_plain(node)
+    try:
+        return _to_plain(node, path)
+    except yaml.YAMLError as exc:  # a value no safe loader constructs, e.g. an unknown tag
+        mark = getattr(exc, "problem_mark", None)
+        where = f":{mark.line + 1}" if mark is not None else ""
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise ConfigError(f"{path}{where}: not valid YAML: {problem}") from None
 
 
 def load(path: str | Path, schema: type[T], *, overrides: Mapping[str, Any] | None = None) -> T:

@@ -26,6 +26,18 @@ class BrokerUnavailableError(SparseFleetError):
     exit_code = 4
 
 
+class SessionTakenOverError(BrokerUnavailableError):
+    """Another MQTT client connected with this client's id and took over its session.
+
+    The connection stops instead of taking the session back (the two would fight forever);
+    ``client_id`` is the shared id. Exits with the broker code (4), like any lost broker.
+    """
+
+    def __init__(self, message: str, *, client_id: str = "") -> None:
+        super().__init__(message)
+        self.client_id = client_id
+
+
 class NotFoundError(SparseFleetError):
     """A named run, device, model or file does not exist."""
 

@@ -17,6 +17,11 @@ Example (``examples/device.yaml``)::
 
 Relative paths are relative to the file. Secrets are read from files (mode 0600), never from the
 YAML itself, so the YAML can be world-readable and logged.
+
+Everything that can be checked without touching the network is checked when the file loads, and
+reported as a ``ConfigError`` at the setting's line: the device id (``device.identity``: the
+same rule the fleet manager enrols with, so a device can never connect as the fleet manager),
+the broker URL, the topic prefix, tags and ranges.
 """
 
 from __future__ import annotations
@@ -29,6 +34,12 @@ from typing import Literal
 
 from device.config import SettingError, load
 from device.errors import ConfigError
+from device.identity import device_id_problem
+from device.wire.endpoint import parse_broker_url
+from device.wire.topics import validate_prefix
+
+MAX_KEEPALIVE_S = 65535  # MQTT's Keep Alive is a two-byte number of seconds
+MAX_SESSION_EXPIRY_S = 2**32 - 1  # a four-byte number of seconds ("never expires")
 
 
 @dataclass(frozen=True)
@@ -47,6 +58,22 @@ class BrokerConfig:
     tls: TlsConfig | None = None
     session_expiry_s: int = 3600  # how long the broker keeps commands for an offline device
     keepalive_s: int = 30
+    connect_timeout_s: float = 10.0  # how long run and check wait for the broker at start
+
+    def __post_init__(self) -> None:
+        try:
+            parse_broker_url(self.url)
+        except ValueError as exc:
+            raise SettingError("url", str(exc)) from None
+        if self.username is not None and not self.username.strip():
+            raise SettingError("username", "must not be empty (leave it out for the device id)")
+        if not 0 <= self.session_expiry_s <= MAX_SESSION_EXPIRY_S:
+            raise SettingError("session_expiry_s", f"must be in 0..{MAX_SESSION_EXPIRY_S} seconds")
+        if not 1 <= self.keepalive_s <= MAX_KEEPALIVE_S:
+            # 0 would switch keep-alive off: the broker would never notice a dead device.
+            raise SettingError("keepalive_s", f"must be in 1..{MAX_KEEPALIVE_S} seconds")
+        if not self.connect_timeout_s > 0:
+            raise SettingError("connect_timeout_s", "must be more than 0 seconds")
 
 
 @dataclass(frozen=True)
@@ -74,6 +101,20 @@ class DeviceConfig:
     def __post_init__(self) -> None:
         from device.models import model_names  # lazy: torch is only needed once validated
 
+        problem = device_id_problem(self.device_id)
+        if problem is not None:
+            raise SettingError("device_id", f"{self.device_id!r} {problem}")
+        try:
+            validate_prefix(self.topics_prefix)
+        except ValueError as exc:
+            raise SettingError("topics_prefix", str(exc)) from None
+        for tag in self.tags:
+            if not tag.partition("=")[0].strip():
+                raise SettingError("tags", f"tag {tag!r} has no key; use 'key' or 'key=value'")
+        if self.torch_threads < 0:
+            raise SettingError("torch_threads", "must be 0 (torch's default) or more")
+        if not self.model_wait_s > 0:
+            raise SettingError("model_wait_s", "must be more than 0 seconds")
         if self.profile_model not in model_names():
             raise SettingError(
                 "profile_model",
@@ -95,6 +136,8 @@ def read_secret(path: Path, what: str) -> str:
         raise ConfigError(f"{what} {path} does not exist") from None
     except OSError as exc:
         raise ConfigError(f"{what} {path} cannot be read: {exc.strerror}") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{what} {path} is not UTF-8 text (byte {exc.start})") from None
     if mode & (stat.S_IRWXG | stat.S_IRWXO) and os.name == "posix":
         raise ConfigError(f"{what} {path} is readable by others (mode {mode & 0o777:o}); chmod 600")
     secret = text.splitlines()[0].strip() if text.strip() else ""

@@ -12,7 +12,8 @@ Decisions, and why:
 - The **certificate CN is the device id**. The broker's device listener sets
   ``use_identity_as_username true`` and ``use_username_as_clientid true``, so the CN becomes the
   MQTT username and client id, and the ``%u`` patterns of the ACL confine the device to its own
-  topics. A device id is therefore validated (``validate_device_id``) before it is signed, and
+  topics. A device id is therefore validated (``validate_device_id``, whose rule lives in
+  ``device.identity`` so that the device agent applies the same one) before it is signed, and
   the fleet manager's account name can never be issued to a device.
 - Keys are **ECDSA P-256**: generated in microseconds (RSA-2048 takes ~0.1 s), small on a
   Raspberry Pi, and supported by every OpenSSL the broker and paho use.
@@ -31,7 +32,6 @@ import datetime as dt
 import ipaddress
 import logging
 import os
-import re
 import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -43,6 +43,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from device.errors import ConfigError, NotFoundError
+from device.identity import FLEET_MANAGER_USER, RESERVED_NAMES, validate_device_id
 
 log = logging.getLogger(__name__)
 
@@ -61,14 +62,6 @@ __all__ = [
     "write_private_file",
 ]
 
-FLEET_MANAGER_USER = "fleet-manager"
-"""The fleet manager's MQTT account (username and client id); the ACL gives it ``fl/v1/#``."""
-
-RESERVED_NAMES = frozenset({FLEET_MANAGER_USER, "ca", "server", "admin", "root", "mosquitto"})
-"""Names no device may take: the fleet manager's account (a device holding it would get full
-access) and the names of files or accounts that live next to device entries."""
-
-_DEVICE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 CLOCK_SKEW = dt.timedelta(minutes=5)
 MAX_DAYS = 36500
 
@@ -83,26 +76,6 @@ class CertFiles:
 
     cert_file: Path
     key_file: Path
-
-
-def validate_device_id(device_id: str) -> str:
-    """Return ``device_id`` if it may be enrolled; raise ``ConfigError`` saying why not.
-
-    A device id is the MQTT username, client id, certificate CN, one topic level, a line key in
-    the broker's password file and part of file names, so it is kept to 1..64 characters from
-    ``A-Z a-z 0-9 . _ -``, starting with a letter or digit (no ``/ + # :``, no whitespace, no
-    ``..``-style path tricks), and must not be one of ``RESERVED_NAMES``.
-    """
-    if not isinstance(device_id, str) or not _DEVICE_ID.fullmatch(device_id):
-        raise ConfigError(
-            f"device id {device_id!r} is not allowed: use 1 to 64 characters from "
-            "A-Z a-z 0-9 . _ -, starting with a letter or digit"
-        )
-    if device_id in RESERVED_NAMES:
-        raise ConfigError(
-            f"device id {device_id!r} is reserved; reserved: {', '.join(sorted(RESERVED_NAMES))}"
-        )
-    return device_id
 
 
 def write_private_file(

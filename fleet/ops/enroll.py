@@ -45,8 +45,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from device.errors import ConfigError, NotFoundError
+from device.identity import FLEET_MANAGER_USER, validate_device_id
 from device.wire.topics import validate_prefix
-from fleet.ops.certs import FLEET_MANAGER_USER, validate_device_id, write_private_file
+from fleet.ops.certs import write_private_file
 
 log = logging.getLogger(__name__)
 

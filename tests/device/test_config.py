@@ -107,3 +107,37 @@ def test_a_schema_check_points_at_the_setting_it_rejects(tmp_path: Path) -> None
     path = write(tmp_path, "schedule:\n  rounds: 4\n  end: 9\n")
     with pytest.raises(ConfigError, match=r"run.yaml:3: schedule.end: must be at most rounds"):
         load(path, Plan)
+
+
+def test_an_empty_value_is_none_not_a_crash(tmp_path: Path) -> None:
+    """``key:`` with nothing after it is YAML's null; it must be reported like any wrong type
+    (it used to escape as a yaml ParserError traceback)."""
+    path = write(tmp_path, "name:\nstrategy: feddst\n")
+    with pytest.raises(ConfigError, match=r"run\.yaml:1: name: expected a string, got None"):
+        load(path, Run)
+
+
+def test_an_empty_value_for_an_optional_setting_means_none(tmp_path: Path) -> None:
+    assert load(write(tmp_path, "name: a\ndata_dir:\n"), Run).data_dir is None
+
+
+def test_a_key_given_twice_is_an_error_not_a_silent_override(tmp_path: Path) -> None:
+    """YAML loaders keep the last of two equal keys, so a whole first section would be ignored
+    without a word; name both lines instead."""
+    path = write(tmp_path, "name: a\ntraining:\n  lr: 0.5\nname: b\n")
+    with pytest.raises(ConfigError, match=r"run\.yaml:4: name: given twice .*first on line 1"):
+        load(path, Run)
+
+
+def test_a_python_tag_is_refused_as_invalid_yaml(tmp_path: Path) -> None:
+    """Only safe YAML is read; an object tag is a located config error, never constructed."""
+    path = write(tmp_path, "name: !!python/name:os.getcwd ''\n")
+    with pytest.raises(ConfigError, match=r"run\.yaml:1: not valid YAML: could not determine"):
+        load(path, Run)
+
+
+def test_a_file_that_is_not_utf8_is_a_config_error(tmp_path: Path) -> None:
+    path = tmp_path / "run.yaml"
+    path.write_bytes(b"name: caf\xe9\n")
+    with pytest.raises(ConfigError, match=r"run\.yaml: not UTF-8 text \(byte 9\)"):
+        load(path, Run)

@@ -72,3 +72,54 @@ def test_run_announces_online_and_sigterm_leaves_it_offline(
     after = retained_status(mosquitto, "cli-dev")
     assert after is not None and not after.online
     assert after.session_epoch == status.session_epoch
+
+
+def test_two_agents_with_one_device_id_do_not_fight_forever(
+    mosquitto: MosquittoBroker, tmp_path: Path
+) -> None:
+    """Two devices configured with the same id take the session from each other at every
+    reconnect, each swallowing the other's commands. One must stop, with exit code 4 and one
+    error line naming the id; the other keeps running and still stops cleanly."""
+    config = tmp_path / "device.yaml"
+    config.write_text(
+        f"device_id: cli-twin\nbroker:\n  url: mqtt://{mosquitto.host}:{mosquitto.port}\n"
+        "data:\n  dataset: digits\ntorch_threads: 1\n"
+    )
+
+    def start() -> subprocess.Popen[str]:
+        return subprocess.Popen(
+            [sys.executable, "-m", "device", "run", "--config", str(config)],
+            env={**os.environ, "PYTHONPATH": str(REPO)},
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+
+    procs = [start()]
+    try:
+        deadline = time.monotonic() + 30
+        while (status := retained_status(mosquitto, "cli-twin")) is None or not status.online:
+            assert time.monotonic() < deadline, "the first agent never announced itself"
+            time.sleep(0.2)
+        procs.append(start())
+        deadline = time.monotonic() + 60
+        while all(p.poll() is None for p in procs):
+            assert time.monotonic() < deadline, "the two agents are still fighting"
+            time.sleep(0.2)
+        loser = next(p for p in procs if p.poll() is not None)
+        winner = next(p for p in procs if p is not loser)
+        _, err = loser.communicate(timeout=10)
+        assert loser.returncode == 4, err
+        assert "Traceback" not in err, err
+        last = err.strip().splitlines()[-1]
+        assert last.startswith("fleet-device: error: ") and "'cli-twin'" in last, err
+        assert "same client id" in last
+        time.sleep(2.0)  # the winner is not kicked again
+        assert winner.poll() is None
+        winner.send_signal(signal.SIGTERM)
+        _, err = winner.communicate(timeout=30)
+        assert winner.returncode == 0, err
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()

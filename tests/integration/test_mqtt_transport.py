@@ -4,14 +4,18 @@ from __future__ import annotations
 
 import hashlib
 import os
-from collections.abc import Callable
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
-from device.errors import BrokerUnavailableError
+from device.errors import BrokerUnavailableError, SessionTakenOverError
 from device.wire.broker import MosquittoBroker, free_port
 from device.wire.chunking import SAFETY_MARGIN_BYTES, fits, plan_publish, publish_packet_size
+from device.wire.connection import TAKEOVER_STRIKES
 from device.wire.mqtt import MqttTransport
 from device.wire.transport import Message, Will
 
@@ -333,3 +337,112 @@ def test_missing_mosquitto_binary_names_the_install_command(tmp_path: Path) -> N
     with pytest.raises(BrokerUnavailableError, match="apt-get install mosquitto") as info:
         MosquittoBroker(binary=str(tmp_path / "no-such-mosquitto"))
     assert "docker compose" in str(info.value)
+
+
+def _wait_for_failure(*clients: MqttTransport, timeout_s: float) -> list[MqttTransport]:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline and all(c.failure is None for c in clients):
+        time.sleep(0.05)
+    return [c for c in clients if c.failure is not None]
+
+
+def test_two_clients_with_one_client_id_stop_fighting_over_the_session(
+    mosquitto: MosquittoBroker, mqtt: ClientFactory, topic_root: str
+) -> None:
+    """Two clients with one client id take the session from each other at every reconnect: a
+    device named like the fleet manager kicked it off and swallowed the round's updates.
+    mosquitto 2.0.11 just closes the older connection, so the fight is recognised by its
+    pattern; it must end with one client giving up, loudly and naming the id, and the other
+    keeping the session."""
+    client_id = f"dup-{topic_root[-6:]}"
+    first = mqtt(mosquitto, client_id)
+    first.subscribe(f"{topic_root}/#")
+    second = mqtt(mosquitto, client_id)
+    failed = _wait_for_failure(first, second, timeout_s=15)
+    assert len(failed) == 1, "the fight over the client id did not end"
+    loser = failed[0]
+    winner = second if loser is first else first
+    assert isinstance(loser.failure, SessionTakenOverError)
+    assert loser.failure.client_id == client_id and f"{client_id!r}" in str(loser.failure)
+    assert loser.connect_count <= TAKEOVER_STRIKES + 1
+    with pytest.raises(SessionTakenOverError):
+        loser.get(timeout_s=0)
+    with pytest.raises(SessionTakenOverError):
+        loser.publish(f"{topic_root}/x", b"x")
+    assert winner.wait_connected(timeout_s=5)
+    settled = winner.connect_count
+    time.sleep(1.5)  # longer than the fixture's longest reconnect delay (1 s)
+    assert winner.connected and winner.connect_count == settled and winner.failure is None
+    mqtt(mosquitto).publish(f"{topic_root}/after", b"yours")
+    message = winner.get(timeout_s=5)
+    assert message is not None and message.payload == b"yours"
+
+
+def test_one_takeover_is_not_a_fight(
+    mosquitto: MosquittoBroker, mqtt: ClientFactory, topic_root: str
+) -> None:
+    """A device restarted before the broker noticed its old connection die takes the session
+    over once; the old connection's owner, if it is still alive, must not give up for that."""
+    client_id = f"once-{topic_root[-6:]}"
+    old = mqtt(mosquitto, client_id, connect=False)
+    old.reconnect_min_s = old.reconnect_max_s = 30.0  # it never comes back to fight
+    old.connect(timeout_s=5)
+    new = mqtt(mosquitto, client_id)
+    time.sleep(1.0)
+    assert old.failure is None and new.failure is None and new.connected
+    old.kill()
+
+
+@pytest.fixture
+def broker_that_reports_takeovers() -> Iterator[tuple[int, list[int]]]:
+    """A minimal MQTT 5 server, as newer mosquitto behaves on a takeover: it accepts every
+    CONNECT and then disconnects the client with reason 142, "Session taken over". Yields its
+    port and a list that counts the connections it accepted."""
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen()
+    server.settimeout(0.2)
+    accepted: list[int] = []
+    stop = threading.Event()
+
+    def serve() -> None:
+        while not stop.is_set():
+            try:
+                conn, _ = server.accept()
+            except TimeoutError:
+                continue
+            with conn:
+                accepted.append(1)
+                conn.recv(4096)  # the CONNECT
+                conn.sendall(b"\x20\x03\x00\x00\x00")  # CONNACK: success, no properties
+                time.sleep(0.2)
+                conn.sendall(b"\xe0\x02\x8e\x00")  # DISCONNECT: Session taken over
+                time.sleep(0.2)
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    yield server.getsockname()[1], accepted
+    stop.set()
+    thread.join(5)
+    server.close()
+
+
+def test_a_session_taken_over_disconnect_stops_reconnecting_at_once(
+    broker_that_reports_takeovers: tuple[int, list[int]],
+) -> None:
+    """A broker that says why (MQTT 5 reason 142) is believed at the first disconnect."""
+    port, accepted = broker_that_reports_takeovers
+    client = MqttTransport(
+        "fleet-manager", host="127.0.0.1", port=port, reconnect_min_s=0.1, reconnect_max_s=0.2
+    )
+    client.connect(timeout_s=5)
+    try:
+        assert _wait_for_failure(client, timeout_s=5) == [client]
+        assert isinstance(client.failure, SessionTakenOverError)
+        assert "'fleet-manager'" in str(client.failure) and "142" in str(client.failure)
+        time.sleep(1.0)  # five reconnect delays
+        assert len(accepted) == 1 and not client.connected
+        with pytest.raises(SessionTakenOverError):
+            client.get(timeout_s=None)
+    finally:
+        client.close(timeout_s=1)
