@@ -224,6 +224,13 @@ class DeviceAgent:
             return
         if parsed.kind != "dev_cmd":
             return
+        if not message.payload:
+            return  # a cleared retained command topic (runs clear theirs when they end)
+        if message.retain:
+            # The fleet manager never retains a command; a retained one was left by someone else
+            # and would be replayed at every reconnect.
+            log.warning("%s: retained message on %s ignored", self.device_id, message.topic)
+            return
         env = envelope.decode(message.payload)
         if env.device_id and env.device_id != self.device_id:
             log.warning("%s: command addressed to %r ignored", self.device_id, env.device_id)

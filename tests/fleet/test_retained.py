@@ -14,7 +14,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from device.wire import envelope
 from device.wire.memory import MemoryBroker, MemoryTransport
+from device.wire.messages import Envelope, RoundCommand
 from device.wire.topics import Topics
 from fleet.runtime.presence import stray_retained
 from fleet.runtime.runner import Runner, RunSpec
@@ -104,3 +106,32 @@ def test_strays_are_what_nobody_should_hold_retained() -> None:
             "fl/v1/not/a/fleet/topic",
         ]
     )
+
+
+def test_an_agent_ignores_a_retained_command() -> None:
+    """A command somebody left retained on a device's command topic would be replayed at every
+    reconnect; the agent acts only on commands the fleet manager sent (never retained)."""
+    topics = Topics()
+    broker = MemoryBroker()
+    planter = MemoryTransport(broker, "someone")
+    planter.connect()
+    command = Envelope(
+        body=RoundCommand(model_version=1, model_digest=b"\0" * 32),
+        run_id="r",
+        round=1,
+        device_id="sim-0000",
+        correlation_id="r/1/sim-0000",
+    )
+    planter.publish(topics.dev_cmd("sim-0000"), envelope.encode(command), qos=1, retain=True)
+    events = MemoryTransport(broker, "spy")
+    events.connect()
+    events.subscribe(topics.all_events())
+    agents = start_agents(
+        lambda d: MemoryTransport(broker, d), SIM, PartitionedData(SIM), topics, {}, [0]
+    )
+    try:
+        message = events.get(timeout_s=1.0)
+    finally:
+        for agent in agents:
+            agent.stop()
+    assert message is None, "the agent acted on a retained command"
