@@ -658,3 +658,21 @@ def test_transport_reports_a_refused_connection(secure_broker: SecureBroker) -> 
     )
     with pytest.raises(BrokerUnavailableError, match="refused"):
         client.connect(timeout_s=5)
+
+
+@pytest.mark.integration
+def test_fleet_side_clients_share_the_account_without_taking_over_the_runner(
+    secure_mqtt: SecureClients,
+) -> None:
+    """`fleet status`, the health check, the coordinator and the workers log in with the fleet
+    manager's account beside the running runner. On the loopback listener each keeps its own
+    client id: forced to the username, each would take over the runner's persistent session."""
+    runner = secure_mqtt.fleet()
+    runner.subscribe(T.dev_events("dev-a"))
+    status = secure_mqtt.raw(None, auth="fleet", client_id="fleet-cli-4242")
+    assert status.connect() == 0
+    device = secure_mqtt.device("dev-a", auth="cert")
+    device.publish(T.dev_events("dev-a"), b"still the runner's")
+    got = runner.get(timeout_s=5)
+    assert got is not None and got.payload == b"still the runner's"
+    assert runner.connected and status.disconnect_reason is None
