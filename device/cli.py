@@ -117,16 +117,18 @@ def local_data(config: DeviceConfig) -> Dataset:
 
 
 def cmd_run(config_path: Path) -> int:
+    # The configuration and the credentials first: their errors come in a fraction of a
+    # second, before torch loads and the data is read.
+    config = load_device_config(config_path)
+    transport = make_transport(config)
     from device.agent import AgentOptions, DeviceAgent
     from device.profile import measure_profile
     from device.wire.topics import Topics
 
-    config = load_device_config(config_path)
     logging.basicConfig(
         level=config.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
     data = local_data(config)
-    transport = make_transport(config)
     profile = measure_profile(config.profile_model) if config.profile_on_start else None
     agent = DeviceAgent(
         transport,
