@@ -22,11 +22,26 @@ The package, one concept per module (import from ``device.data``; the modules ar
 - ``dataset``: the :class:`Dataset` type, ``Split`` and ``IndexArray``;
 - ``checksums``: ``SHA256SUMS`` files and atomic writes; ``idx``: the IDX file format;
 - ``mnist``: MNIST from IDX files; ``download``: fetching them; ``digits``: scikit-learn's digits;
-- ``registry``: dataset name -> loader (:func:`load_dataset`, :func:`dataset_names`);
+- ``registry``: dataset name or local format -> loader (:func:`load_dataset`,
+  :func:`dataset_names`, :func:`local_format_names`);
 - ``partitioners``: shards, Dirichlet, iid (:func:`partition`, :func:`partitioner_names`).
 
-Device-local data formats (``imagefolder``, ``csv``, ``npz``, ``python``: the next issue) go in
-modules of their own here, one per format, each registered in ``registry.DATASETS``.
+Device-local data
+    A device's own data, in one of four formats, described by a :class:`LocalDataSpec` (the
+    device config's ``data:``): :func:`open_source` gives a :class:`LocalSource` whose
+    ``scan()`` re-reads the origin cheaply before each job (only what changed), and whose
+    ``train()`` / ``evaluation()`` are the two sides of a deterministic split by example
+    identity, as :class:`LocalExamples` (a torch map-style dataset decoding on access;
+    ``to_dataset()`` gives a :class:`Dataset`). The formats are registered in the dataset
+    registry too (``load_dataset("csv", path, "train", classes=[...], label_column=...)``;
+    :func:`local_format_names`).
+
+- ``local_spec``: :class:`LocalDataSpec`; ``local``: :func:`open_source`, the registry glue;
+- ``local_source``: :class:`LocalSource`, :class:`LocalExamples`, :class:`ScanResult`;
+- ``local_split``: the blake2b split; ``labelspace``: the run's classes; ``dircache``: the
+  mtime-cached directory listing;
+- one module per format: ``imagefolder``; ``csvsource`` (rows, windows) over ``csvrows`` (one
+  file, parsed incrementally); ``npzsource`` (memory-mapped); ``pysource`` (``module:function``).
 """
 
 from __future__ import annotations
@@ -36,6 +51,11 @@ from device.data.dataset import Dataset, IndexArray, Split
 from device.data.digits import DIGITS_MEAN, DIGITS_STD, load_digits
 from device.data.download import DEFAULT_MNIST_URL, download_mnist
 from device.data.idx import read_idx, write_idx
+from device.data.labelspace import LabelSpace
+from device.data.local import SOURCES, open_source
+from device.data.local_source import LocalExamples, LocalSource, ScanResult
+from device.data.local_spec import FORMATS, LocalDataSpec
+from device.data.local_split import split_point
 from device.data.mnist import (
     MNIST_CONTENT_SHA256,
     MNIST_FILES,
@@ -52,20 +72,35 @@ from device.data.partitioners import (
     partitioner_names,
     shards,
 )
-from device.data.registry import DATASETS, check_dataset, dataset_names, load_dataset
+from device.data.registry import (
+    DATASETS,
+    LOCAL_FORMATS,
+    check_dataset,
+    dataset_names,
+    load_dataset,
+    local_format_names,
+)
 
 __all__ = [
     "DATASETS",
     "DEFAULT_MNIST_URL",
     "DIGITS_MEAN",
     "DIGITS_STD",
+    "FORMATS",
+    "LOCAL_FORMATS",
     "MNIST_CONTENT_SHA256",
     "MNIST_FILES",
     "MNIST_MEAN",
     "MNIST_STD",
     "PARTITIONERS",
+    "SOURCES",
     "Dataset",
     "IndexArray",
+    "LabelSpace",
+    "LocalDataSpec",
+    "LocalExamples",
+    "LocalSource",
+    "ScanResult",
     "Split",
     "check_dataset",
     "dataset_names",
@@ -76,12 +111,15 @@ __all__ = [
     "load_dataset",
     "load_digits",
     "load_mnist",
+    "local_format_names",
+    "open_source",
     "partition",
     "partitioner_names",
     "read_idx",
     "read_sha256sums",
     "sha256_file",
     "shards",
+    "split_point",
     "write_idx",
     "write_sha256sums",
 ]

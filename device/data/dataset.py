@@ -29,7 +29,8 @@ class Dataset:
     """Examples and labels held as tensors (``eq=False``: tensors do not compare to one bool).
 
     Invariants (checked on construction, :class:`DataError` otherwise):
-        - ``x`` is float32 with shape ``[N, C, H, W]`` (images) or ``[N, F]`` (features);
+        - ``x`` is float32 with shape ``[N, C, H, W]`` (images), ``[N, C, L]`` (sequences, e.g.
+          windows of sensor rows: channels x time steps) or ``[N, F]`` (features);
         - ``y`` is int64 with shape ``[N]``, every label in ``[0, num_classes)``;
         - ``num_classes >= 2``. ``N`` may be 0 (an empty subset).
     """
@@ -39,9 +40,9 @@ class Dataset:
     num_classes: int
 
     def __post_init__(self) -> None:
-        if self.x.dtype != torch.float32 or self.x.dim() not in (2, 4):
+        if self.x.dtype != torch.float32 or self.x.dim() not in (2, 3, 4):
             raise DataError(
-                f"Dataset.x must be float32 [N, C, H, W] or [N, F], "
+                f"Dataset.x must be float32 [N, C, H, W], [N, C, L] or [N, F], "
                 f"got {self.x.dtype} with shape {tuple(self.x.shape)}"
             )
         if self.y.dtype != torch.int64 or self.y.dim() != 1:
