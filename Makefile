@@ -22,11 +22,11 @@ help:
 # System packages the tests use: a real mosquitto broker and its clients, and protoc for the
 # independent wire-format check. Needs root (as on CI); skipped when everything is present.
 system-deps:
-	@if ! command -v mosquitto >/dev/null && [ ! -x /usr/sbin/mosquitto ] || ! command -v protoc >/dev/null || ! command -v mosquitto_pub >/dev/null; then \
+	@if ! command -v mosquitto >/dev/null && [ ! -x /usr/sbin/mosquitto ] || ! command -v protoc >/dev/null || ! command -v mosquitto_pub >/dev/null || ! command -v chromium >/dev/null || ! command -v prometheus >/dev/null; then \
 	  if [ "$$(id -u)" = 0 ]; then \
-	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq mosquitto mosquitto-clients protobuf-compiler; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq mosquitto mosquitto-clients protobuf-compiler chromium prometheus; \
 	  else \
-	    echo "missing system packages: run 'sudo apt-get install mosquitto mosquitto-clients protobuf-compiler'"; exit 1; \
+	    echo "missing system packages: run 'sudo apt-get install mosquitto mosquitto-clients protobuf-compiler chromium prometheus'"; exit 1; \
 	  fi; \
 	fi
 

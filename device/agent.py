@@ -24,7 +24,8 @@ import torch
 
 from device import __version__
 from device.data import Dataset
-from device.errors import DecodeError, SparseFleetError
+from device.deploy import Deployer, DeployOptions
+from device.errors import DataError, DecodeError, SparseFleetError
 from device.job import (
     job_seed,
     kernel_plan_for,
@@ -32,10 +33,13 @@ from device.job import (
     run_initial_prune_job,
     run_round_job,
 )
+from device.local_data import DataCounts, DeviceData, data_for_job
+from device.model_id import ArchitectureCheck
 from device.wire import envelope
 from device.wire.codec import KnownMask
 from device.wire.messages import (
     CancelCommand,
+    DeployEvent,
     DeviceProfile,
     DeviceStatus,
     DeviceUpdate,
@@ -46,6 +50,7 @@ from device.wire.messages import (
     InitialPruneResult,
     JobEvent,
     JobState,
+    ModelOffer,
     ModelSnapshot,
     RoundCommand,
     ValueDType,
@@ -68,7 +73,12 @@ class AgentOptions:
     model_wait_s: float = 60.0  # how long to wait for the retained model of a command
     torch_threads: int = 0  # 0 = leave torch's default
     profile: DeviceProfile | None = None
-    dataset_size: int = 0
+    dataset_size: int = 0  # training examples at start (DeviceData: refreshed before each job)
+    eval_examples: int = 0  # examples an evaluation reads, likewise
+    # The models this device can build, announced in its status (device.model_id.offers); empty:
+    # announce none (the fleet manager then assumes the built-ins, as for an older agent).
+    models: tuple[ModelOffer, ...] = ()
+    deploy: DeployOptions | None = None  # model deployments (device.deploy); None: not followed
 
 
 @dataclass
@@ -98,7 +108,9 @@ def hardware() -> Hardware:
 class DeviceAgent:
     """A device: one transport connection, one dispatcher thread, one worker thread."""
 
-    def __init__(self, transport: Transport, data_source: DataSource, options: AgentOptions):
+    def __init__(
+        self, transport: Transport, data_source: DataSource | DeviceData, options: AgentOptions
+    ):
         self.transport = transport
         self.data_source = data_source
         self.options = options
@@ -118,19 +130,36 @@ class DeviceAgent:
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
         self.uploaded_bytes = 0
+        self._counts = DataCounts(options.dataset_size, options.eval_examples)
+        self._architecture = ArchitectureCheck()  # refuses a snapshot this device builds otherwise
+        self.deployer = (
+            None
+            if options.deploy is None
+            else Deployer(
+                transport,
+                self.topics,
+                self.device_id,
+                options.deploy,
+                publish_event=self._deploy_event,
+                status_changed=self._refresh_status,
+            )
+        )
 
     # -- lifecycle -------------------------------------------------------------------------
 
-    def _status(self, online: bool) -> bytes:
+    def _status(self, online: bool, epoch: int | None = None) -> bytes:
         status = DeviceStatus(
             online=online,
-            session_epoch=self.epoch,
+            session_epoch=self.epoch if epoch is None else epoch,
             agent_version=__version__,
             hardware=hardware(),
-            dataset_size=self.options.dataset_size,
+            dataset_size=self._counts.train,
+            eval_examples=self._counts.evaluation,
             profile=self.options.profile,
             tags=self.options.tags,
             timestamp_unix_s=time.time(),
+            models=self.options.models,
+            deployed=self.deployer.deployed() if self.deployer is not None else None,
         )
         return envelope.encode(Envelope(body=status, device_id=self.device_id))
 
@@ -163,6 +192,8 @@ class DeviceAgent:
             thread = threading.Thread(target=target, name=f"{self.device_id}-{name}", daemon=True)
             thread.start()
             self._threads.append(thread)
+        if self.deployer is not None:
+            self.deployer.start()
 
     def stop(self, *, abandon: bool = True, timeout_s: float = 30.0) -> None:
         """Stop cleanly: cancel (or finish) the current job, publish offline, disconnect."""
@@ -174,6 +205,8 @@ class DeviceAgent:
             self._model_cond.notify_all()
         for thread in self._threads:
             thread.join(timeout_s)
+        if self.deployer is not None:
+            self.deployer.stop()
         self.epoch = self._connection_epoch  # the offline status closes the current session
         try:
             self.transport.publish(
@@ -211,6 +244,9 @@ class DeviceAgent:
 
     def _dispatch(self, message: Message) -> None:
         parsed = self.topics.parse(message.topic)
+        if self.deployer is not None and self.deployer.handles(parsed):
+            self.deployer.dispatch(message)  # deployments and inference: its own thread
+            return
         if parsed.kind == "run_model":
             if not message.payload:
                 return  # a cleared retained model
@@ -280,6 +316,9 @@ class DeviceAgent:
             self._current = job
             try:
                 self._run(job)
+            except DataError as exc:  # the user's data: one line names the file or setting
+                log.error("%s: job %s/%d failed: %s", self.device_id, job.run_id, job.round, exc)
+                self._event_for(job, JobState.FAILED, f"data error: {exc}")
             except Exception as exc:  # report, never die: the fleet manager needs to know why
                 log.exception("%s: job %s/%d failed", self.device_id, job.run_id, job.round)
                 self._event_for(job, JobState.FAILED, f"{type(exc).__name__}: {exc}")
@@ -319,7 +358,13 @@ class DeviceAgent:
                 f"(have {have.version if have is not None else None})",
             )
             return
-        data = self.data_source("" if isinstance(command, EvaluateCommand) else command.partition)
+        refusal = self._architecture.problem(snapshot)  # before any data is read or trained
+        if refusal is not None:
+            self._event_for(job, JobState.REJECTED, refusal)
+            return
+        data, counts = data_for_job(self.data_source, command)  # DataError: the job fails
+        if counts is not None:
+            self._report_counts(counts)
         if isinstance(command, EvaluateCommand):
             metrics = run_evaluate_job(snapshot, command, data)
             self._event_for(job, JobState.EVALUATED, metrics=dict(metrics))
@@ -341,6 +386,43 @@ class DeviceAgent:
             for name, mask in snapshot.masks.items()
         }
         self._upload(job, update, book=book, dtype=command.upload_dtype)
+
+    def _refresh_status(self) -> None:
+        """The deployed model changed (or its counters did): publish the status again, with
+        the current session epoch (a refresh of the birth, as for new data counts)."""
+        payload = self._status(True, epoch=self._connection_epoch)
+        try:
+            self.transport.publish(
+                self.topics.dev_status(self.device_id), payload, qos=1, retain=True, wait=False
+            )
+        except SparseFleetError as exc:  # the next birth carries it anyway
+            log.warning("%s: could not publish the deployed model: %s", self.device_id, exc)
+
+    def _deploy_event(self, deployment_id: str, event: DeployEvent) -> None:
+        """A deployment's progress on the events topic (correlation id: the deployment)."""
+        payload = envelope.encode(
+            Envelope(body=event, device_id=self.device_id, correlation_id=deployment_id)
+        )
+        try:
+            self.transport.publish(
+                self.topics.dev_events(self.device_id), payload, qos=1, wait=False
+            )
+        except SparseFleetError as exc:  # best effort, as job events; the status tells the rest
+            log.warning("%s: could not publish deployment event: %s", self.device_id, exc)
+
+    def _report_counts(self, counts: DataCounts) -> None:
+        """The data changed size since the last status: publish the status again (same
+        session epoch, so the registry takes it as a refresh of the current birth), before the
+        job's result, which the fleet manager checks against these counts."""
+        if counts == self._counts:
+            return
+        self._counts = counts
+        topic = self.topics.dev_status(self.device_id)
+        payload = self._status(True, epoch=self._connection_epoch)
+        try:
+            self.transport.publish(topic, payload, qos=1, retain=True, wait=False)
+        except SparseFleetError as exc:  # the next birth carries the counts anyway
+            log.warning("%s: could not publish the new data counts: %s", self.device_id, exc)
 
     def _upload(
         self,

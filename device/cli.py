@@ -3,6 +3,7 @@
     fleet-device run --config device.yaml       run the agent until SIGTERM/SIGINT
     fleet-device check --config device.yaml     validate config, data and broker reachability
     fleet-device profile [--model NAME]         measure this device's per-layer speed
+    fleet-device predict --input FILE           predict with the deployed model (images, CSV, npz)
 
 Every error a user can cause ends the command with one line on stderr, ``fleet-device: error:
 ...``, and a documented exit code (docs/cli.md, "fleet-device"): a SparseFleet error exits with
@@ -29,11 +30,11 @@ from types import FrameType
 from typing import TYPE_CHECKING
 
 from device import __version__
-from device.errors import SparseFleetError
+from device.errors import ConfigError, DataError, SparseFleetError
 from device.settings import DeviceConfig, load_device_config, read_secret
 
 if TYPE_CHECKING:
-    from device.data import Dataset
+    from device.local_data import DataCounts, DeviceData
     from device.wire.mqtt import MqttTransport
 
 log = logging.getLogger("fleet-device")
@@ -75,6 +76,16 @@ def build_parser() -> argparse.ArgumentParser:
     profile.add_argument("--model", default="mnist_cnn", help="registered model name")
     profile.add_argument("--batch-size", type=_positive_int, default=20)
     profile.add_argument("--repeats", type=_positive_int, default=5)
+    predict = sub.add_parser("predict", help="predict with the deployed model (docs/deployment.md)")
+    predict.add_argument("--input", "-i", type=Path, required=True, help="image(s), CSV or npz")
+    where = predict.add_mutually_exclusive_group()
+    where.add_argument("--config", "-c", type=Path, help="device YAML file (its deploy section)")
+    where.add_argument("--models-dir", type=Path, help="models directory (default: the config's)")
+    predict.add_argument(
+        "--artefact", type=Path, help="an artefact file instead (signature checked with --config)"
+    )
+    predict.add_argument("--version", help="a kept version instead of the active one")
+    predict.add_argument("--json", action="store_true", help="JSON lines on stdout")
     return parser
 
 
@@ -109,11 +120,25 @@ def make_transport(config: DeviceConfig) -> MqttTransport:
     )
 
 
-def local_data(config: DeviceConfig) -> Dataset:
-    """The device's own training set (loaded once; the partition argument is ignored)."""
-    from device.data import load_dataset
+def local_data(config: DeviceConfig) -> DeviceData:
+    """The device's data as its config describes it (``device.local_data``): a bundled
+    dataset is loaded here (``DataError`` if its files are missing); the device's own data is
+    read by each job's refresh."""
+    from device.local_data import open_device_data
 
-    return load_dataset(config.data.dataset, data_dir=config.data.data_dir, split="train")
+    return open_device_data(config.data)
+
+
+def initial_counts(data: DeviceData) -> DataCounts:
+    """The counts of the first status. Bad data does not stop the agent: it is reported, and
+    every job fails with the reason until the data is fixed (then the next job reads it)."""
+    from device.local_data import DataCounts
+
+    try:
+        return data.refresh()
+    except DataError as exc:
+        log.error("data: %s (each job fails until this is fixed)", exc)
+        return DataCounts(train=0, evaluation=0)
 
 
 def cmd_run(config_path: Path) -> int:
@@ -122,6 +147,8 @@ def cmd_run(config_path: Path) -> int:
     config = load_device_config(config_path)
     transport = make_transport(config)
     from device.agent import AgentOptions, DeviceAgent
+    from device.deploy_options import deploy_options
+    from device.model_id import offers
     from device.profile import measure_profile
     from device.wire.topics import Topics
 
@@ -129,10 +156,11 @@ def cmd_run(config_path: Path) -> int:
         level=config.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
     data = local_data(config)
+    counts = initial_counts(data)
     profile = measure_profile(config.profile_model) if config.profile_on_start else None
     agent = DeviceAgent(
         transport,
-        lambda partition: data,
+        data,
         AgentOptions(
             device_id=config.device_id,
             topics=Topics(config.topics_prefix),
@@ -140,7 +168,10 @@ def cmd_run(config_path: Path) -> int:
             torch_threads=config.torch_threads,
             model_wait_s=config.model_wait_s,
             profile=profile,
-            dataset_size=len(data),
+            dataset_size=counts.train,
+            eval_examples=counts.evaluation,
+            models=offers(config.model_refs()),  # a factory that cannot be built stops here
+            deploy=deploy_options(config, data),  # bad trusted keys stop here
         ),
     )
     stopping = threading.Event()
@@ -166,7 +197,18 @@ def cmd_check(config_path: Path, *, broker: bool) -> int:
     config = load_device_config(config_path)
     print(f"config: {config_path}: ok (device {config.device_id})")
     data = local_data(config)
-    print(f"data: {config.data.dataset}: {len(data)} training examples")
+    counts = data.refresh()
+    data.train()  # decodes every example: a corrupt one is named here, not in a round
+    if counts.evaluation:
+        data.evaluation()
+    print(
+        f"data: {_describe_data(config)}: {counts.train} training examples, "
+        f"{counts.evaluation} for evaluation"
+    )
+    from device.model_id import offers, short
+
+    built = offers(config.model_refs())  # imports and builds each: a bad factory is named here
+    print("models: " + ", ".join(f"{o.model.text} ({short(o.architecture_digest)})" for o in built))
     if broker:
         transport = make_transport(config)
         transport.connect()
@@ -175,11 +217,53 @@ def cmd_check(config_path: Path, *, broker: bool) -> int:
     return 0
 
 
+def _describe_data(config: DeviceConfig) -> str:
+    from device.data.local_spec import LocalDataSpec
+
+    data = config.data
+    if isinstance(data, LocalDataSpec):
+        return f"{data.format} {data.path or data.function}"
+    return data.dataset
+
+
 def cmd_profile(model: str, batch_size: int, repeats: int) -> int:
     from device.profile import measure_profile
 
     profile = measure_profile(model, batch_size=batch_size, repeats=repeats)
     print(json.dumps(asdict(profile), indent=2))
+    return 0
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    """Predict every example of ``--input`` with the deployed model (or ``--artefact``)."""
+    from device.inference import load, load_file
+    from device.inference_input import read_examples
+
+    trusted = None
+    models_dir = args.models_dir
+    if args.config is not None:
+        config = load_device_config(args.config)
+        if config.deploy is None:
+            raise ConfigError(f"{args.config}: no deploy section (models_dir, trusted_keys)")
+        from device.trust import load_trusted_keys
+
+        models_dir = config.deploy.models_dir
+        trusted = load_trusted_keys(config.deploy.trusted_keys)
+    if args.artefact is not None:
+        model = load_file(args.artefact, trusted=trusted)
+    else:
+        model = load(models_dir, version=args.version, trusted=trusted)
+    try:
+        examples = read_examples(args.input, model.input_shape, model.manifest.preprocess)
+        prediction = model.predict(examples)
+    finally:
+        model.close()
+    for i, (index, label) in enumerate(zip(prediction.indices, prediction.labels, strict=True)):
+        if args.json:
+            row = {"example": i, "class": int(index), "label": label, "version": model.version}
+            print(json.dumps({**row, "logits": prediction.logits[i].tolist()}))
+        else:
+            print(f"{i}\t{label}")
     return 0
 
 
@@ -200,6 +284,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                     f"known: {', '.join(model_names())}"
                 )
             return cmd_profile(args.model, args.batch_size, args.repeats)
+        if args.command == "predict":
+            return cmd_predict(args)
         parser.print_help()
         return 0
     except SparseFleetError as exc:

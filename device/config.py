@@ -171,6 +171,14 @@ def _build(tp: Any, node: _Located, path: Path, field: str) -> Any:
     if origin in (types.UnionType, typing.Union):
         if value is None and type(None) in args:
             return None
+        fitting = _fitting_dataclasses(args, value)
+        if len(fitting) == 1:
+            # A union of settings sections is told apart by its keys: the one section that
+            # knows every key given is meant, and its own error (at its line) is the one shown.
+            return _build(fitting[0], node, path, field)
+        closest = _closest_dataclass(args, value) if not fitting else None
+        if closest is not None:  # no section knows every key: the closest one names the stray
+            return _build(closest, node, path, field)
         errors = []
         for arg in args:
             if arg is type(None):
@@ -237,6 +245,33 @@ def _build(tp: Any, node: _Located, path: Path, field: str) -> Any:
         p = Path(value).expanduser()
         return p if p.is_absolute() else (path.parent / p)
     raise TypeError(f"config schema type {tp!r} at {field} is not supported")
+
+
+def _fitting_dataclasses(args: tuple[Any, ...], value: Any) -> list[Any]:
+    """The dataclasses among a union's ``args`` whose settings include every key of the
+    mapping ``value`` (none when ``value`` is not a mapping)."""
+    if not isinstance(value, dict):
+        return []
+    return [
+        arg
+        for arg in args
+        if dataclasses.is_dataclass(arg)
+        and isinstance(arg, type)
+        and set(value) <= {f.name for f in dataclasses.fields(arg) if f.init}
+    ]
+
+
+def _closest_dataclass(args: tuple[Any, ...], value: Any) -> Any:
+    """The dataclass among ``args`` that knows the most keys of the mapping ``value`` (the
+    first on a tie); None when ``value`` is not a mapping or no arg is a dataclass."""
+    if not isinstance(value, dict):
+        return None
+    known = [
+        (len(set(value) & {f.name for f in dataclasses.fields(arg) if f.init}), -i, arg)
+        for i, arg in enumerate(args)
+        if dataclasses.is_dataclass(arg) and isinstance(arg, type)
+    ]
+    return max(known, key=lambda k: k[:2])[2] if known else None
 
 
 def _unwrap(node: _Located) -> Any:

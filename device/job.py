@@ -17,6 +17,7 @@ import numpy.typing as npt
 import torch
 
 from device.data import Dataset
+from device.model_id import check_model, snapshot_ref
 from device.models import empty_model
 from device.prune_init import initial_prune
 from device.seeding import derive_seed
@@ -44,9 +45,13 @@ def load_model(snapshot: ModelSnapshot) -> tuple[torch.nn.Module, dict[str, torc
     """Build the snapshot's model with its weights and its masks (bool tensors, by name).
 
     The weights are copied into the model once (the snapshot stays the caller's, unchanged);
-    the masks are shared with the snapshot, read-only like every mask here.
+    the masks are shared with the snapshot, read-only like every mask here. The model is built
+    from the snapshot's reference (``device.model_id.snapshot_ref``) and must have the
+    snapshot's architecture digest (``ArchitectureMismatchError`` otherwise, before any weight
+    is loaded).
     """
-    model = empty_model(snapshot.model_name)
+    model = empty_model(snapshot_ref(snapshot))
+    check_model(model, snapshot)
     state = model.state_dict()
     missing = set(state) - set(snapshot.weights)
     extra = set(snapshot.weights) - set(state)
@@ -188,6 +193,8 @@ def run_initial_prune_job(
         mask_version=snapshot.version + 1,
         weights=weights,
         masks=mask_arrays,
+        model_ref=snapshot.model_ref,
+        architecture_digest=snapshot.architecture_digest,
     )
     return InitialPruneResult(
         model=pruned, reconfigs=len(history) - 1, densities=tuple(history[1:]), train_s=train_s

@@ -21,7 +21,9 @@ mlp           1 x 8 x 8    10            4,810 (64 -> 64 -> 10, for scikit-learn
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+import re
+import threading
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -29,14 +31,23 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from device.model_ref import ModelRef
+from device.model_registry import ModelFactoryError, load_factory, lookup, model_names
+
 __all__ = [
     "MLP",
     "MODELS",
     "CifarCNN",
     "FemnistCNN",
     "MnistCNN",
+    "ModelFactoryError",
+    "ModelLike",
+    "ModelRef",
     "ModelSpec",
     "create_model",
+    "empty_model",
+    "find_model_spec",
+    "meta_model",
     "model_names",
     "model_spec",
     "num_parameters",
@@ -153,8 +164,9 @@ class ModelSpec:
     num_classes: int
 
 
-#: name -> factory; every factory returns a freshly initialised model (keyword arguments only
-#: where the model has options, e.g. ``mlp``'s ``hidden``).
+#: The built-in models: name -> class (each registered in ``device.model_registry.BUILTIN`` as
+#: ``device.models:<class>``; keyword arguments only where the model has options, e.g. ``mlp``'s
+#: ``hidden``).
 MODELS: dict[str, Callable[..., nn.Module]] = {
     "mnist_cnn": MnistCNN,
     "femnist_cnn": FemnistCNN,
@@ -169,70 +181,169 @@ _SPECS: dict[str, ModelSpec] = {
     "mlp": ModelSpec("mlp", (1, 8, 8), 10),
 }
 
-
-def model_names() -> list[str]:
-    """The registered model names, sorted."""
-    return sorted(MODELS)
+ModelLike = str | ModelRef
+"""A model as callers name it: a ``ModelRef`` or its text (a registered name, a factory)."""
 
 
-def _unknown(name: str) -> ValueError:
-    return ValueError(f"unknown model {name!r}; known: {', '.join(model_names())}")
+def _factory(ref: ModelRef) -> tuple[Callable[..., Any], str]:
+    """The callable that builds ``ref`` and how errors name it.
+
+    Raises ``ValueError`` for an unknown name, ``ModelFactoryError`` when it cannot be imported.
+    """
+    if ref.name:
+        entry = lookup(ref.name)
+        if entry.origin == "built-in" and ref.name in MODELS:
+            return MODELS[ref.name], f"model {ref.name!r}"
+        return load_factory(entry.target, f"model {ref.name!r} ({entry.target})"), (
+            f"model {ref.name!r} ({entry.target})"
+        )
+    what = f"model factory {ref.factory!r}"
+    return load_factory(ref.factory, what), what
 
 
-def model_spec(name: str) -> ModelSpec:
-    """Input shape and number of classes of model ``name`` (with its default arguments).
+def _call(factory: Callable[..., Any], kwargs: dict[str, Any], what: str) -> nn.Module:
+    """``factory(**kwargs)``, which must return a Module; ``ModelFactoryError`` otherwise."""
+    try:
+        model = factory(**kwargs)
+    except Exception as exc:  # the factory is the user's code: anything it raises is reported
+        raise ModelFactoryError(f"{what} raised {type(exc).__name__}: {exc}") from exc
+    if not isinstance(model, nn.Module):
+        raise ModelFactoryError(f"{what} returned {type(model).__name__}, not a torch.nn.Module")
+    return model
+
+
+def find_model_spec(model: ModelLike) -> ModelSpec | None:
+    """Input shape and classes of ``model`` when known: declared in the reference, else a
+    built-in's (only without kwargs, which may change them), else the factory's
+    ``input_shape`` and ``num_classes`` attributes; None when undeclared.
+
+    Raises ``ValueError`` for an unknown name, ``ModelFactoryError`` for a factory that cannot
+    be imported.
+    """
+    ref = ModelRef.of(model)
+    shape, classes = ref.input_shape, ref.num_classes
+    if shape is None or classes is None:
+        if ref.name in _SPECS and not ref.kwargs:
+            declared: tuple[Any, Any] = (_SPECS[ref.name].input_shape, _SPECS[ref.name].num_classes)
+        else:
+            factory, _ = _factory(ref)
+            declared = (
+                getattr(factory, "input_shape", None),
+                getattr(factory, "num_classes", None),
+            )
+        if shape is None and isinstance(declared[0], tuple | list):
+            shape = tuple(int(d) for d in declared[0])
+        if classes is None and isinstance(declared[1], int):
+            classes = declared[1]
+    if shape is None or classes is None:
+        return None
+    return ModelSpec(ref.text, shape, classes)
+
+
+def model_spec(name: ModelLike) -> ModelSpec:
+    """Input shape and number of classes of model ``name`` (``find_model_spec``).
 
     Raises:
-        ValueError: ``name`` is not registered (the message lists the known names).
+        ValueError: ``name`` is not registered (the message lists the known names), or the
+            model does not declare its input shape and classes.
     """
-    if name not in _SPECS:
-        raise _unknown(name)
-    return _SPECS[name]
+    spec = find_model_spec(name)
+    if spec is None:
+        raise ValueError(
+            f"model {ModelRef.of(name).text!r} does not declare its input shape and classes; "
+            "give input_shape and num_classes in the run's model"
+        )
+    return spec
 
 
-def create_model(name: str, *, seed: int | None = None, **kwargs: Any) -> nn.Module:
+def create_model(name: ModelLike, *, seed: int | None = None, **kwargs: Any) -> nn.Module:
     """A new model ``name``, with its parameters initialised as PyTorch initialises them.
 
     With ``seed`` set, the initial weights are a pure function of (name, kwargs, seed): the
     model is built on the ``meta`` device (which draws no random numbers) and then initialised
     from a private ``torch.Generator``, so the global RNG state is neither read nor changed and
-    concurrent callers in other threads cannot disturb each other. With ``seed=None`` the
-    global RNG is used, as plain ``nn.Module`` construction does.
+    concurrent callers in other threads cannot disturb each other. A model with a layer that
+    :func:`_initialise` does not know (a user's own parameters), or whose factory cannot build
+    on ``meta``, is instead built normally with the global RNG seeded inside
+    ``torch.random.fork_rng`` under a lock: still a pure function of (name, kwargs, seed) and
+    the global state is restored, but a thread drawing from the global RNG meanwhile would see
+    those draws. With ``seed=None`` the global RNG is used, as plain ``nn.Module`` construction
+    does.
 
     Args:
-        name: a registered name (see :func:`model_names`).
+        name: a registered name (see :func:`model_names`), a factory, or a ``ModelRef``.
         seed: an integer in ``[0, 2**64)``, e.g. from :func:`device.seeding.derive_seed`.
-        kwargs: passed to the factory (e.g. ``hidden=32`` for ``mlp``).
+        kwargs: passed to the factory after the reference's own (e.g. ``hidden=32`` for
+            ``mlp``).
 
     Raises:
-        ValueError: ``name`` is not registered (the message lists the known names), or the
-            factory refuses its arguments.
+        ValueError: ``name`` is not registered (the message lists the known names).
+        ModelFactoryError: (a ``ConfigError`` and a ``ValueError``) the factory cannot be
+            imported, refuses its arguments, raises, or returns something that is not a Module.
     """
-    if name not in MODELS:
-        raise _unknown(name)
-    factory = MODELS[name]
+    ref = ModelRef.of(name)
+    factory, what = _factory(ref)
+    arguments = {**ref.kwargs, **kwargs}
     if seed is None:
-        return factory(**kwargs)
+        return _call(factory, arguments, what)
     generator = torch.Generator(device="cpu")
     generator.manual_seed(seed)
-    model = empty_model(name, **kwargs)
-    _initialise(model, generator)
+    try:
+        with torch.device("meta"):
+            model = _call(factory, arguments, what)
+        _materialise(model)
+        _initialise(model, generator)
+    except (ModelFactoryError, _UnknownLayer):
+        with _GLOBAL_RNG, torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            return _call(factory, arguments, what)
     return model
 
 
-def empty_model(name: str, **kwargs: Any) -> nn.Module:
+_GLOBAL_RNG = threading.Lock()
+
+
+class _UnknownLayer(TypeError):
+    """A layer ``_initialise`` cannot initialise from a generator."""
+
+
+def empty_model(name: ModelLike, **kwargs: Any) -> nn.Module:
     """A new model ``name`` whose parameters and buffers are allocated but not initialised
     (``torch.empty``), for a caller that loads a state right away (``load_state_dict``).
 
     No random numbers are drawn and no page of the weights is written, so loading a received
-    model touches its memory once. Raises ``ValueError`` as :func:`create_model` does.
+    model touches its memory once. A factory that cannot build on ``meta``, or a model with a
+    non-persistent buffer (its values come from the factory, never from a state_dict), is
+    built normally (its other initial values are then overwritten by the caller). Raises as
+    :func:`create_model`.
     """
-    if name not in MODELS:
-        raise _unknown(name)
-    with torch.device("meta"):
-        model = MODELS[name](**kwargs)
+    ref = ModelRef.of(name)
+    factory, what = _factory(ref)
+    arguments = {**ref.kwargs, **kwargs}
+    try:
+        with torch.device("meta"):
+            model = _call(factory, arguments, what)
+    except ModelFactoryError:
+        return _call(factory, arguments, what)
+    saved = set(model.state_dict())
+    if any(buffer not in saved for buffer, _ in model.named_buffers()):
+        return _call(factory, arguments, what)
     _materialise(model)
     return model
+
+
+def meta_model(name: ModelLike, **kwargs: Any) -> nn.Module:
+    """Model ``name`` with every tensor on the ``meta`` device (shapes and dtypes, no memory):
+    enough to read its architecture. A factory that cannot build on ``meta`` is called
+    normally. Raises as :func:`create_model`."""
+    ref = ModelRef.of(name)
+    factory, what = _factory(ref)
+    arguments = {**ref.kwargs, **kwargs}
+    try:
+        with torch.device("meta"):
+            return _call(factory, arguments, what)
+    except ModelFactoryError:
+        return _call(factory, arguments, what)
 
 
 def _materialise(model: nn.Module) -> None:
@@ -259,8 +370,10 @@ def _initialise(model: nn.Module, generator: torch.Generator) -> None:
 
     Mirrors ``reset_parameters`` of ``nn.Linear`` and ``nn.Conv*``: weight ~ kaiming_uniform
     with ``a = sqrt(5)`` (i.e. U(-1/sqrt(fan_in), 1/sqrt(fan_in))), bias ~ U(-1/sqrt(fan_in),
-    1/sqrt(fan_in)). Layers are visited in registration order, so the draws are reproducible.
-    Normalisation layers are reset deterministically (ones, zeros, fresh running statistics).
+    1/sqrt(fan_in)); ``nn.Embedding``: N(0, 1). Layers are visited in registration order, so
+    the draws are reproducible. Normalisation layers are reset deterministically (ones, zeros,
+    fresh running statistics). Any other layer with parameters or buffers raises
+    ``_UnknownLayer``.
     """
     for module_name, module in model.named_modules():
         if isinstance(module, nn.Linear | nn.modules.conv._ConvNd):
@@ -271,14 +384,20 @@ def _initialise(model: nn.Module, generator: torch.Generator) -> None:
                 nn.init.uniform_(module.bias, -bound, bound, generator=generator)
         elif isinstance(module, nn.modules.batchnorm._NormBase | nn.LayerNorm | nn.GroupNorm):
             module.reset_parameters()  # deterministic: no random draws
+        elif isinstance(module, nn.Embedding):
+            # Embedding.reset_parameters: N(0, 1), the padding row zero.
+            nn.init.normal_(module.weight, generator=generator)
+            if module.padding_idx is not None:
+                with torch.no_grad():
+                    module.weight[module.padding_idx].fill_(0)
         elif any(True for _ in module.parameters(recurse=False)) or any(
             True for _ in module.buffers(recurse=False)
         ):
-            # A new layer type must say how it is initialised, or its seeded weights would be
-            # whatever memory to_empty() left behind.
-            raise TypeError(
+            # A layer type not listed here (a user's own parameters): its seeded weights would
+            # be whatever memory _materialise left behind, so create_model builds it normally.
+            raise _UnknownLayer(
                 f"create_model(seed=...) cannot initialise layer {module_name!r} of type "
-                f"{type(module).__name__}; add it to device.models._initialise"
+                f"{type(module).__name__} from a generator"
             )
 
 
@@ -288,15 +407,29 @@ def num_parameters(model: nn.Module) -> int:
 
 
 def prunable_names(
-    model: nn.Module, *, include_first: bool = True, include_last: bool = True
+    model: nn.Module,
+    *,
+    include_first: bool = True,
+    include_last: bool = True,
+    patterns: Sequence[str] = (),
 ) -> list[str]:
     """The ``state_dict`` names of the weights that masks may prune, first layer first.
 
-    Every convolution and linear layer's ``weight`` is prunable; biases and normalisation layers
-    stay dense (DESIGN section 6). ``include_first=False`` leaves the first such layer dense and
-    ``include_last=False`` the last one (some papers keep the input and output layers dense).
+    By default every convolution and linear layer's ``weight`` is prunable; biases,
+    normalisation layers, embeddings and buffers stay dense (DESIGN section 6).
+    ``include_first=False`` leaves the first such layer dense and ``include_last=False`` the
+    last one (some papers keep the input and output layers dense). With ``patterns`` (a run's
+    ``prunable:``), the prunable tensors are instead the floating-point parameters whose name
+    matches one of the regular expressions in full (``re.fullmatch``), e.g. ``"conv.*weight"``
+    or ``"embed\\.weight"``; ``include_first``/``include_last`` then do not apply.
     The order is registration order, which for the registered models is the forward order.
+
+    Raises:
+        ValueError: a pattern is not a regular expression, matches no parameter, or matches
+            only buffers (running statistics are averaged, never pruned).
     """
+    if patterns:
+        return _matching_parameters(model, patterns)
     names = [
         f"{module_name}.weight" if module_name else "weight"
         for module_name, module in model.named_modules()
@@ -310,3 +443,26 @@ def prunable_names(
         for n in names
         if not (n == first and not include_first) and not (n == last and not include_last)
     ]
+
+
+def _matching_parameters(model: nn.Module, patterns: Sequence[str]) -> list[str]:
+    compiled = []
+    for pattern in patterns:
+        try:
+            compiled.append(re.compile(pattern))
+        except re.error as exc:
+            raise ValueError(f"prunable: {pattern!r} is not a regular expression: {exc}") from None
+    parameters = [
+        name for name, p in model.named_parameters() if p.is_floating_point() and p.dim() >= 1
+    ]
+    buffers = [name for name, _ in model.named_buffers()]
+    for pattern, regex in zip(patterns, compiled, strict=True):
+        if not any(regex.fullmatch(name) for name in parameters):
+            hits = [name for name in buffers if regex.fullmatch(name)]
+            detail = f" (only buffers: {', '.join(hits)})" if hits else ""
+            raise ValueError(
+                f"prunable: {pattern!r} matches no parameter of the model{detail}; "
+                f"parameters: {', '.join(parameters[:12])}"
+                + (", ..." if len(parameters) > 12 else "")
+            )
+    return [name for name in parameters if any(regex.fullmatch(name) for regex in compiled)]

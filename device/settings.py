@@ -15,6 +15,18 @@ Example (``examples/device.yaml``)::
       data_dir: /var/lib/sparsefleet/data
     tags: [site=kitchen]
 
+or, for the device's own data in one of the local formats (``device.data.local_spec``: options
+of each format, e.g. ``resize`` for images, ``label_column``/``window`` for CSV)::
+
+    data:
+      format: imagefolder              # imagefolder | csv | npz | python
+      path: /var/lib/sparsefleet/images
+      classes: [cat, dog]              # the run's classes, in the run's order
+      resize: [28, 28]
+      channels: 1
+      eval_fraction: 0.2               # held out for federated evaluation
+      seed: 0
+
 Relative paths are relative to the file. Secrets are read from files (mode 0600), never from the
 YAML itself, so the YAML can be world-readable and logged.
 
@@ -33,8 +45,10 @@ from pathlib import Path
 from typing import Literal
 
 from device.config import SettingError, load
+from device.data.local_spec import LocalDataSpec
 from device.errors import ConfigError
 from device.identity import device_id_problem
+from device.model_ref import ModelRef
 from device.wire.endpoint import parse_broker_url
 from device.wire.topics import validate_prefix
 
@@ -78,16 +92,64 @@ class BrokerConfig:
 
 @dataclass(frozen=True)
 class DataConfig:
+    """A bundled dataset (``dataset: digits|mnist``), the data section before local formats.
+
+    ``eval_fraction`` in [0, 1): share of the examples held out for federated evaluation, by
+    example index and ``seed`` (``device.local_data``); 0 (the default) trains on every example
+    and evaluates on the training examples, as before local formats existed.
+    """
+
     dataset: Literal["mnist", "digits"] = "mnist"
     data_dir: Path | None = None  # IDX files for mnist (see docs/data.md)
     split: Literal["train"] = "train"
+    eval_fraction: float = 0.0
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.eval_fraction < 1.0:
+            raise SettingError(
+                "eval_fraction",
+                f"must be in [0, 1) (a share of examples), got {self.eval_fraction}",
+            )
+        if not 0 <= self.seed < 2**64:
+            raise SettingError("seed", f"must be an integer in [0, 2**64), got {self.seed}")
+
+
+@dataclass(frozen=True)
+class DeployConfig:
+    """Model deployments (docs/deployment.md); without this section the agent ignores them.
+
+    ``trusted_keys``: PEM public keys of the fleet manager's deployment key (``fleet model
+    keygen`` writes ``deploy-signing.pub``); an artefact no trusted key signed is refused.
+    ``models_dir``: the deployed versions (the active one and ``keep_versions - 1`` before it).
+    ``remote_inference``: answer requests on ``{prefix}/dev/{id}/infer/req`` (off by default).
+    ``download_timeout_s``: one attempt to receive an artefact; ``retries``: attempts after it.
+    """
+
+    trusted_keys: tuple[Path, ...]
+    models_dir: Path = Path("/var/lib/sparsefleet/models")
+    remote_inference: bool = False
+    keep_versions: int = 3
+    download_timeout_s: float = 300.0
+    retries: int = 3
+
+    def __post_init__(self) -> None:
+        if not self.trusted_keys:
+            raise SettingError("trusted_keys", "name at least one deployment public key file")
+        if self.keep_versions < 2:
+            raise SettingError("keep_versions", "must be at least 2 (active and previous)")
+        if not self.download_timeout_s > 0:
+            raise SettingError("download_timeout_s", "must be more than 0 seconds")
+        if self.retries < 0:
+            raise SettingError("retries", "must be 0 or more")
 
 
 @dataclass(frozen=True)
 class DeviceConfig:
     device_id: str
     broker: BrokerConfig = field(default_factory=BrokerConfig)
-    data: DataConfig = field(default_factory=DataConfig)
+    # A bundled dataset, or the device's own data (told apart by their keys: ``format``).
+    data: DataConfig | LocalDataSpec = field(default_factory=DataConfig)
     tags: tuple[str, ...] = ()
     topics_prefix: str = "fl/v1"
     torch_threads: int = 0  # 0 = torch's default (all cores)
@@ -97,6 +159,10 @@ class DeviceConfig:
     profile_model: str = "mnist_cnn"
     model_wait_s: float = 60.0
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    # The models this device offers (device.model_ref: a registered name, a "pkg.mod:build"
+    # factory, or a mapping with kwargs); None: the built-ins. Built when the agent starts.
+    models: tuple[str | ModelRef, ...] | None = None
+    deploy: DeployConfig | None = None  # model deployments; None: not followed
 
     def __post_init__(self) -> None:
         from device.models import model_names  # lazy: torch is only needed once validated
@@ -115,11 +181,34 @@ class DeviceConfig:
             raise SettingError("torch_threads", "must be 0 (torch's default) or more")
         if not self.model_wait_s > 0:
             raise SettingError("model_wait_s", "must be more than 0 seconds")
+        if isinstance(self.data, LocalDataSpec) and self.data.classes is None:
+            raise SettingError(
+                "data",
+                "classes: required for the device's own data: the run's class names, in the "
+                "run's order (a label outside them is an error, not a new class)",
+            )
         if self.profile_model not in model_names():
             raise SettingError(
                 "profile_model",
                 f"unknown model {self.profile_model!r}; known: {', '.join(model_names())}",
             )
+        for item in self.models or ():
+            try:
+                ref = ModelRef.of(item)
+            except ValueError as exc:
+                raise SettingError("models", str(exc)) from None
+            if ref.name and ref.name not in model_names():
+                raise SettingError(
+                    "models", f"unknown model {ref.name!r}; known: {', '.join(model_names())}"
+                )
+
+    def model_refs(self) -> tuple[ModelRef, ...]:
+        """The models this device offers: ``models``, or the built-ins when not set."""
+        if self.models is None:
+            from device.model_registry import BUILTIN
+
+            return tuple(ModelRef(name=name) for name in sorted(BUILTIN))
+        return tuple(ModelRef.of(item) for item in self.models)
 
 
 def load_device_config(path: str | Path) -> DeviceConfig:

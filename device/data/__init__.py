@@ -46,40 +46,104 @@ Device-local data
 
 from __future__ import annotations
 
-from device.data.checksums import read_sha256sums, sha256_file, write_sha256sums
-from device.data.dataset import Dataset, IndexArray, Split
-from device.data.digits import DIGITS_MEAN, DIGITS_STD, load_digits
-from device.data.download import DEFAULT_MNIST_URL, download_mnist
-from device.data.idx import read_idx, write_idx
-from device.data.labelspace import LabelSpace
-from device.data.local import SOURCES, open_source
-from device.data.local_source import LocalExamples, LocalSource, ScanResult
-from device.data.local_spec import FORMATS, LocalDataSpec
-from device.data.local_split import split_point
-from device.data.mnist import (
-    MNIST_CONTENT_SHA256,
-    MNIST_FILES,
-    MNIST_MEAN,
-    MNIST_STD,
-    export_mnist_subset,
-    load_mnist,
-)
-from device.data.partitioners import (
-    PARTITIONERS,
-    dirichlet,
-    iid,
-    partition,
-    partitioner_names,
-    shards,
-)
-from device.data.registry import (
-    DATASETS,
-    LOCAL_FORMATS,
-    check_dataset,
-    dataset_names,
-    load_dataset,
-    local_format_names,
-)
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from device.data.checksums import read_sha256sums, sha256_file, write_sha256sums
+    from device.data.dataset import Dataset, IndexArray, Split
+    from device.data.digits import DIGITS_MEAN, DIGITS_STD, load_digits
+    from device.data.download import DEFAULT_MNIST_URL, download_mnist
+    from device.data.idx import read_idx, write_idx
+    from device.data.labelspace import LabelSpace
+    from device.data.local import SOURCES, open_source
+    from device.data.local_source import LocalExamples, LocalSource, ScanResult
+    from device.data.local_spec import FORMATS, LocalDataSpec
+    from device.data.local_split import split_point
+    from device.data.mnist import (
+        MNIST_CONTENT_SHA256,
+        MNIST_FILES,
+        MNIST_MEAN,
+        MNIST_STD,
+        export_mnist_subset,
+        load_mnist,
+    )
+    from device.data.partitioners import (
+        PARTITIONERS,
+        dirichlet,
+        iid,
+        partition,
+        partitioner_names,
+        shards,
+    )
+    from device.data.registry import (
+        DATASETS,
+        LOCAL_FORMATS,
+        check_dataset,
+        dataset_names,
+        load_dataset,
+        local_format_names,
+    )
+
+#: Each public name -> the module of this package that defines it. The package loads a module
+#: on first use of one of its names (PEP 562), so that importing ``device.data.local_spec``
+#: (the device config does) or ``device.data.mnist`` does not load torch with every loader.
+_EXPORTS = {
+    "DATASETS": "registry",
+    "DEFAULT_MNIST_URL": "download",
+    "DIGITS_MEAN": "digits",
+    "DIGITS_STD": "digits",
+    "Dataset": "dataset",
+    "FORMATS": "local_spec",
+    "IndexArray": "dataset",
+    "LOCAL_FORMATS": "registry",
+    "LabelSpace": "labelspace",
+    "LocalDataSpec": "local_spec",
+    "LocalExamples": "local_source",
+    "LocalSource": "local_source",
+    "MNIST_CONTENT_SHA256": "mnist",
+    "MNIST_FILES": "mnist",
+    "MNIST_MEAN": "mnist",
+    "MNIST_STD": "mnist",
+    "PARTITIONERS": "partitioners",
+    "SOURCES": "local",
+    "ScanResult": "local_source",
+    "Split": "dataset",
+    "check_dataset": "registry",
+    "dataset_names": "registry",
+    "dirichlet": "partitioners",
+    "download_mnist": "download",
+    "export_mnist_subset": "mnist",
+    "iid": "partitioners",
+    "load_dataset": "registry",
+    "load_digits": "digits",
+    "load_mnist": "mnist",
+    "local_format_names": "registry",
+    "open_source": "local",
+    "partition": "partitioners",
+    "partitioner_names": "partitioners",
+    "read_idx": "idx",
+    "read_sha256sums": "checksums",
+    "sha256_file": "checksums",
+    "shards": "partitioners",
+    "split_point": "local_split",
+    "write_idx": "idx",
+    "write_sha256sums": "checksums",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"{__name__}.{module}"), name)
+    globals()[name] = value  # later lookups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)
+
 
 __all__ = [
     "DATASETS",

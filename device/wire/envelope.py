@@ -29,6 +29,7 @@ import numpy as np
 from google.protobuf.message import DecodeError as ProtobufDecodeError
 
 from device.errors import EnvelopeDecodeError
+from device.wire import deploy_pb, model_pb
 from device.wire import messages as m
 from device.wire.codec import (
     Chunk,
@@ -61,6 +62,7 @@ KIND_OF_TYPE: dict[type, str] = {
     m.ChunkManifest: "chunk_manifest",
     m.Chunk: "chunk",
     m.ErrorInfo: "error",
+    **deploy_pb.KINDS,  # deployment and inference bodies (device.wire.deploy_pb)
 }
 
 _KIND_BY_FIELD: dict[int, str] = {
@@ -209,6 +211,9 @@ def _snapshot_chunks(s: m.ModelSnapshot, out: _Out) -> list[Chunk]:
     head = pb.ModelSnapshot(
         model_name=s.model_name, version=s.version, digest=s.digest, mask_version=s.mask_version
     )
+    if s.model_ref is not None:
+        model_pb.put_ref(head.model_ref, s.model_ref)
+    head.architecture_digest = s.architecture_digest
     head.pruned.extend(name for name in s.weights if name in s.masks)
     chunks: list[Chunk] = [head.SerializeToString()]
     for name, weight in s.weights.items():
@@ -248,6 +253,14 @@ def _get_snapshot(msg: pb.ModelSnapshot, where: str) -> m.ModelSnapshot:
                 f"{where}.tensors[{name!r}] has positions but is not listed as pruned",
                 reason="bad_field",
             )
+    ref = (
+        model_pb.get_ref(msg.model_ref, f"{where}.model_ref") if msg.HasField("model_ref") else None
+    )
+    if ref is not None and ref.text != msg.model_name:
+        raise EnvelopeDecodeError(
+            f"{where}.model_name {msg.model_name!r} is not its model_ref {ref.text!r}",
+            reason="bad_field",
+        )
     return m.ModelSnapshot(
         model_name=msg.model_name,
         version=msg.version,
@@ -255,6 +268,10 @@ def _get_snapshot(msg: pb.ModelSnapshot, where: str) -> m.ModelSnapshot:
         mask_version=msg.mask_version,
         weights={name: t.to_dense() for name, t in tensors.items()},
         masks={name: tensors[name].mask for name in pruned},
+        model_ref=ref,
+        architecture_digest=model_pb.get_digest(
+            msg.architecture_digest, f"{where}.architecture_digest"
+        ),
     )
 
 
@@ -400,10 +417,14 @@ def _put_body(env: pb.Envelope, body: m.Body) -> None:
         st.hardware.python_version = hw.python_version
         st.hardware.torch_version = hw.torch_version
         st.dataset_size = body.dataset_size
+        st.eval_examples = body.eval_examples
         if body.profile is not None:
             _put_profile(st.profile, body.profile)
         st.tags.extend(body.tags)
         st.timestamp_unix_s = body.timestamp_unix_s
+        model_pb.put_offers(st, body.models)
+        if body.deployed is not None:
+            deploy_pb.put_deployed(st.deployed, body.deployed)
     elif isinstance(body, m.JobEvent):
         ev = env.event
         ev.state = _JOB_STATES[body.state]
@@ -431,6 +452,8 @@ def _put_body(env: pb.Envelope, body: m.Body) -> None:
     elif isinstance(body, m.ErrorInfo):
         env.error.code = _ERROR_CODES[body.code]
         env.error.reason = body.reason
+    elif isinstance(body, deploy_pb.DeployBody):
+        deploy_pb.put_body(env, body)
     else:
         kind_of(body)  # raises the registry-style ValueError
 
@@ -508,9 +531,12 @@ def _get_body(env: pb.Envelope, kind: str, book_for: BookFor | None) -> m.Body:
                 torch_version=hw.torch_version,
             ),
             dataset_size=st.dataset_size,
+            eval_examples=st.eval_examples,
             profile=_get_profile(st.profile) if st.HasField("profile") else None,
             tags=tuple(_items(st.tags, "status.tags")),
             timestamp_unix_s=st.timestamp_unix_s,
+            deployed=deploy_pb.get_deployed(st.deployed) if st.HasField("deployed") else None,
+            models=model_pb.get_offers(st),
         )
     if kind == "event":
         ev = env.event
@@ -548,7 +574,12 @@ def _get_body(env: pb.Envelope, kind: str, book_for: BookFor | None) -> m.Body:
             code=_enum_from_pb(_ERROR_CODES, env.error.code, "error.code"),
             reason=env.error.reason,
         )
+    if kind in _DEPLOY_KINDS:
+        return deploy_pb.get_body(env, kind)
     raise EnvelopeDecodeError(f"unknown message kind {kind!r}", reason="bad_kind")
+
+
+_DEPLOY_KINDS = frozenset(deploy_pb.KINDS.values())
 
 
 # ---------------------------------------------------------------------------------------------

@@ -191,6 +191,10 @@ class MemoryBroker:
                 if topic_matches(filt, topic):
                     self._deliver(session, _Delivery(topic, held.payload, min(qos, held.qos), True))
 
+    def _unsubscribe(self, transport: MemoryTransport, pattern: str) -> None:
+        with self._lock:
+            self._attached(transport).subs.pop(pattern, None)
+
     def _publish(
         self, transport: MemoryTransport, topic: str, payload: bytes, qos: int, retain: bool
     ) -> None:
@@ -368,6 +372,17 @@ class MemoryTransport:
         if self._connected:
             for f in filters:
                 self.broker._subscribe(self, f, qos)
+
+    def unsubscribe(self, pattern: str) -> None:
+        validate_filter(pattern)
+        extra = self._receiver.watch(pattern)
+        filters = [pattern] + ([extra] if extra else [])
+        with self._lock:
+            for f in filters:
+                self._subs.pop(f, None)
+        if self._connected:
+            for f in filters:
+                self.broker._unsubscribe(self, f)
 
     def publish(
         self,

@@ -14,9 +14,31 @@ from dataclasses import dataclass, field
 import numpy as np
 import numpy.typing as npt
 
+from device.model_ref import ModelOffer, ModelRef
 from device.wire.codec import SparseTensor, ValueDType
+from device.wire.deploy_messages import (
+    DeployArtefact,
+    DeployedModel,
+    DeployEvent,
+    DeployNotice,
+    DeployState,
+    InferenceReply,
+    InferenceRequest,
+)
 
-__all__ = ["SparseTensor", "ValueDType"]  # re-exported: they travel in messages
+__all__ = [  # re-exported: they travel in messages (deployment: device.wire.deploy_messages)
+    "DeployArtefact",
+    "DeployEvent",
+    "DeployNotice",
+    "DeployState",
+    "DeployedModel",
+    "InferenceReply",
+    "InferenceRequest",
+    "ModelOffer",
+    "ModelRef",
+    "SparseTensor",
+    "ValueDType",
+]
 
 SCHEMA_VERSION = 1
 
@@ -119,7 +141,10 @@ class ModelSnapshot:
 
     Invariant: for every name in ``masks``, ``weights[name][~masks[name]] == 0`` and the shapes
     match.
-    ``digest`` is ``codec.model_digest(weights, masks)``.
+    ``digest`` is ``codec.model_digest(weights, masks)``. ``model_name`` is the text of the
+    model's reference (``device.model_ref``); ``model_ref`` is the reference itself (None from
+    an older sender: read ``model_name``) and ``architecture_digest`` the digest of the run's
+    build of it (``device.model_id``; empty: not checked).
     """
 
     model_name: str
@@ -128,6 +153,8 @@ class ModelSnapshot:
     mask_version: int
     weights: Mapping[str, FloatArray]
     masks: Mapping[str, BoolArray]
+    model_ref: ModelRef | None = None
+    architecture_digest: bytes = b""
 
 
 @dataclass(frozen=True)
@@ -210,6 +237,14 @@ class DeviceStatus:
     profile: DeviceProfile | None = None
     tags: tuple[str, ...] = ()
     timestamp_unix_s: float = 0.0
+    deployed: DeployedModel | None = None  # the deployed model it serves (docs/deployment.md)
+    models: tuple[ModelOffer, ...] = ()  # what it can build; () = an older agent: the built-ins
+    eval_examples: int = 0  # examples it evaluates on: the most an evaluation reply may claim
+
+    @property
+    def model_version(self) -> str:
+        """Version label of the deployed model it serves; empty before the first deployment."""
+        return "" if self.deployed is None else self.deployed.version
 
 
 @dataclass(frozen=True)
@@ -274,6 +309,11 @@ Body = (
     | ChunkManifest
     | Chunk
     | ErrorInfo
+    | DeployNotice
+    | DeployArtefact
+    | DeployEvent
+    | InferenceRequest
+    | InferenceReply
 )
 
 

@@ -185,6 +185,18 @@ class MqttTransport(MqttConnection):
                 f"client {self.client_id!r}: reason {code}"
             )
 
+    def unsubscribe(self, pattern: str) -> None:
+        """Forget ``pattern`` (and its chunk filter) and, when connected, send UNSUBSCRIBE
+        without waiting: the broker handles it before any later SUBSCRIBE of this client."""
+        validate_filter(pattern)
+        self._check_usable()
+        filters = [pattern] + ([extra] if (extra := self._receiver.watch(pattern)) else [])
+        with self._subs_lock:
+            for f in filters:
+                self._subs.pop(f, None)
+        if self._connected:
+            self._client.unsubscribe(filters)
+
     def publish(
         self,
         topic: str,

@@ -10,11 +10,21 @@
 | ``fleet_status()``             | ``{prefix}/fleet/status``              | 1, retained; will     |
 | ``agg_close(run)``             | ``{prefix}/agg/{run}/close``           | 1, never retained     |
 | ``agg_partial(run, worker)``   | ``{prefix}/agg/{run}/partial/{worker}``| 1, never retained     |
+| ``deploy_notice(dep)``         | ``{prefix}/deploy/{dep}/notice``       | 1, retained           |
+| ``deploy_artefact(dep)``       | ``{prefix}/deploy/{dep}/artefact``     | 1, retained           |
+| ``dev_infer_request(d)``       | ``{prefix}/dev/{d}/infer/req``         | 1, never retained     |
+| ``dev_infer_reply(d)``         | ``{prefix}/dev/{d}/infer/res``         | 1, never retained     |
 
 The two ``agg`` topics are the sharded-aggregation handover (``fleet.runtime.aggregator``): the
 coordinator asks every worker for its partial sums of a round on ``agg_close``; each worker
 answers on its own ``agg_partial`` topic. Never retained: a retained request would be replayed
 to every worker that subscribes later.
+
+The ``deploy`` topics carry model deployments (docs/deployment.md): per deployment, a small
+retained notice (which devices, which version) and the retained artefact, published once for the
+whole fleet; notice and artefact are separate levels so that a subscription to every notice
+(``all_deploy_notices``, with its chunk filter) never receives an artefact. ``infer`` is a
+device's optional remote-inference request/response pair.
 
 A payload too large for the broker travels as a manifest on the topic above and chunk ``i`` on
 ``{topic}/{i}`` (``chunk_topic``); ``parse`` reports the chunk index of such a topic.
@@ -53,6 +63,10 @@ class TopicKind(enum.StrEnum):
     DEV_UPDATE = "dev_update"
     RUN_MODEL = "run_model"
     FLEET_STATUS = "fleet_status"
+    DEPLOY_NOTICE = "deploy_notice"
+    DEPLOY_ARTEFACT = "deploy_artefact"
+    DEV_INFER_REQUEST = "dev_infer_request"
+    DEV_INFER_REPLY = "dev_infer_reply"
 
 
 @dataclass(frozen=True)
@@ -65,6 +79,7 @@ class ParsedTopic:
     run_id: str = ""
     round: int = 0
     chunk: int | None = None
+    deployment_id: str = ""
 
     @property
     def is_chunk(self) -> bool:
@@ -233,6 +248,22 @@ class Topics:
         r = validate_id(run_id, "run id")
         return f"{self.prefix}/agg/{r}/partial/{validate_id(worker_id, 'worker id')}"
 
+    def deploy_notice(self, deployment_id: str) -> str:
+        """Fleet -> devices, retained: which devices should serve this deployment's artefact."""
+        return f"{self.prefix}/deploy/{validate_id(deployment_id, 'deployment id')}/notice"
+
+    def deploy_artefact(self, deployment_id: str) -> str:
+        """Fleet -> devices, retained: the deployment's artefact file (chunked when large)."""
+        return f"{self.prefix}/deploy/{validate_id(deployment_id, 'deployment id')}/artefact"
+
+    def dev_infer_request(self, device_id: str) -> str:
+        """Remote inference requests to one device (only when it enables remote inference)."""
+        return f"{self.prefix}/dev/{validate_id(device_id, 'device id')}/infer/req"
+
+    def dev_infer_reply(self, device_id: str) -> str:
+        """A device's replies to remote inference requests."""
+        return f"{self.prefix}/dev/{validate_id(device_id, 'device id')}/infer/res"
+
     # -- filters ------------------------------------------------------------------------------
 
     def all_status(self) -> str:
@@ -262,6 +293,14 @@ class Topics:
         """
         return f"$share/{validate_id(group, 'group')}/{self.all_updates(run_id)}"
 
+    def all_deploy_notices(self) -> str:
+        """Every deployment's notice (a device's filter; artefacts are a separate level)."""
+        return f"{self.prefix}/deploy/+/notice"
+
+    def all_infer_replies(self) -> str:
+        """Every device's remote-inference replies (and their chunks)."""
+        return f"{self.prefix}/dev/+/infer/res/#"
+
     def all_agg_partials(self, run_id: str) -> str:
         """Every aggregator worker's handover notices of one run (the coordinator's filter)."""
         return f"{self.prefix}/agg/{validate_id(run_id, 'run id')}/partial/+"
@@ -285,7 +324,9 @@ class Topics:
             base = _parse_levels(topic, levels[:-1])
             index = int(levels[-1])
             if base is not None and index <= MAX_CHUNK_INDEX:
-                return ParsedTopic(base.kind, base.device_id, base.run_id, base.round, index)
+                return ParsedTopic(
+                    base.kind, base.device_id, base.run_id, base.round, index, base.deployment_id
+                )
         raise _bad(topic, "matches no SparseFleet topic")
 
 
@@ -322,4 +363,10 @@ def _parse_levels(topic: str, levels: list[str]) -> ParsedTopic | None:
         return ParsedTopic(TopicKind.RUN_MODEL, run_id=_id_level(topic, levels[1], "run id"))
     if levels == ["fleet", "status"]:
         return ParsedTopic(TopicKind.FLEET_STATUS)
+    if n == 3 and levels[0] == "deploy" and levels[2] in ("notice", "artefact"):
+        kind = TopicKind.DEPLOY_NOTICE if levels[2] == "notice" else TopicKind.DEPLOY_ARTEFACT
+        return ParsedTopic(kind, deployment_id=_id_level(topic, levels[1], "deployment id"))
+    if n == 4 and levels[0] == "dev" and levels[2] == "infer" and levels[3] in ("req", "res"):
+        kind = TopicKind.DEV_INFER_REQUEST if levels[3] == "req" else TopicKind.DEV_INFER_REPLY
+        return ParsedTopic(kind, device_id=_id_level(topic, levels[1], "device id"))
     return None

@@ -55,6 +55,11 @@ class Transport(Protocol):
     def subscribe(self, pattern: str, qos: int = 1) -> None:
         """Subscribe to an MQTT topic filter (``+`` and ``#`` wildcards, ``$share/...``)."""
 
+    def unsubscribe(self, pattern: str) -> None:
+        """Drop a subscription made with ``subscribe`` (and its chunk filter); a later
+        ``subscribe`` of the same filter is new, so the broker sends its retained messages
+        again (how a device re-fetches a retained artefact it lost). Never blocks."""
+
     def publish(
         self, topic: str, payload: bytes, *, qos: int = 1, retain: bool = False, wait: bool = True
     ) -> int:

@@ -27,8 +27,11 @@ def _require_device(registry: DeviceRegistry, device_id: str) -> DeviceInfo:
 
 
 def device_json(info: DeviceInfo) -> dict[str, Any]:
+    """A device as JSON: its DeviceInfo, ``schedulable``, and ``models`` as references with
+    hex architecture digests (``[]``: none announced, an older agent: the built-ins)."""
     data = dataclasses.asdict(info)
     data["schedulable"] = info.schedulable
+    data["models"] = [offer.to_json() for offer in info.models]
     return data
 
 

@@ -207,7 +207,9 @@ def run_on_broker(
     evaluator = None
     if data is not None and data.get("evaluate", True):
         data_dir = data.get("data_dir")
-        evaluator = make_evaluator(data["dataset"], None if data_dir is None else Path(data_dir))
+        evaluator = make_evaluator(
+            data["dataset"], None if data_dir is None else Path(data_dir), data.get("options")
+        )
     transport = mqtt_transport(broker, url)
     files = RunFiles(env.state_dir, spec.run_id)
     with (

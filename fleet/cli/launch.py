@@ -71,4 +71,5 @@ def data_to_json(data: DataConfig | None) -> dict[str, Any] | None:
         "dataset": data.dataset,
         "data_dir": None if data.data_dir is None else str(data.data_dir.resolve()),
         "evaluate": data.evaluate,
+        "options": data.loader_options(),  # a local format's settings (empty for bundled data)
     }

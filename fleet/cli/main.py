@@ -19,9 +19,11 @@ from fleet.cli.broker import broker as broker_group
 from fleet.cli.certs import certs
 from fleet.cli.config import config
 from fleet.cli.context import DEFAULT_STATE_DIR, Env
+from fleet.cli.dashboard import dashboard
 from fleet.cli.demo import demo
 from fleet.cli.devices import devices
 from fleet.cli.errors import FleetGroup
+from fleet.cli.model import model
 from fleet.cli.run import run
 from fleet.cli.simulate import simulate_command
 from fleet.cli.status import status
@@ -69,6 +71,8 @@ for _command in (
     devices,
     status,
     certs,
+    model,
+    dashboard,
 ):
     cli.add_command(_command)
 

@@ -36,6 +36,7 @@ from rich.table import Table
 from rich.text import Text
 
 from device.wire.messages import JobEvent, JobState
+from fleet.cli.render_models import model_lines, models_cell, models_detail
 from fleet.ops.local_broker import BrokerState
 from fleet.ops.registry import DeviceInfo
 from fleet.report import RunSeries
@@ -199,10 +200,23 @@ def fleet_view(
     note: str,
     now: float,
 ) -> Group:
-    """``fleet status``: one line per running run, the status table, and ``note`` (where the
-    online/offline states came from)."""
+    """``fleet status``: one line per running run, the status table, the models the devices
+    can build (``model_lines``), the last failure each device reported (why it refused or
+    failed a job, e.g. a model it builds differently), and ``note`` (where the online/offline
+    states came from)."""
     lines = [Text(line) for line in runs] or [Text("no run in progress")]
-    return Group(*lines, status_table(devices, jobs, now), Text(note, style="dim"))
+    failures = [
+        Text(f"{d.device_id}: last failure: {d.last_failure}", style="yellow")
+        for d in devices
+        if d.counters.failures and d.last_failure
+    ]
+    return Group(
+        *lines,
+        status_table(devices, jobs, now),
+        *model_lines(devices),
+        *failures,
+        Text(note, style="dim"),
+    )
 
 
 def watch(console: Console, view: Callable[[], RenderableType], interval_s: float) -> None:
@@ -226,6 +240,7 @@ def devices_table(devices: Sequence[DeviceInfo], now: float) -> Table:
             ("schedulable", "left"),
             ("tags", "left"),
             ("examples", "right"),
+            ("models", "left"),
             ("version", "left"),
             ("seen", "right"),
         ),
@@ -237,6 +252,7 @@ def devices_table(devices: Sequence[DeviceInfo], now: float) -> Table:
             "yes" if d.schedulable else "no",
             _tags(d.tags),
             str(d.dataset_size),
+            models_cell(d),
             d.agent_version or "-",
             ago(d.last_seen, now),
         )
@@ -264,6 +280,7 @@ def device_panel(info: DeviceInfo, rejections: Sequence[RejectionRecord], now: f
             f"Python {hw.python_version or '?'}, torch {hw.torch_version or '?'}",
         ),
         ("profile", "measured" if info.profile is not None else "none"),
+        ("models", models_detail(info)),
         ("rounds joined", str(c.rounds_joined)),
         ("updates accepted", str(c.updates_accepted)),
         ("failures", f"{c.failures}" + (f" (last: {info.last_failure})" if c.failures else "")),
@@ -354,13 +371,23 @@ def run_status(
     head.add_row(
         "accuracy", f"{percent(series.final_accuracy)} (best {percent(series.best_accuracy)})"
     )
+    federated = series.federated_evaluated()
+    if federated:
+        last = federated[-1]
+        head.add_row(
+            "federated accuracy",
+            f"{percent(series.federated_accuracy[last])} (round {series.rounds[last]}: "
+            f"{series.federated_devices[last]:.0f} devices, "
+            f"{series.federated_examples[last]:.0f} examples)",
+        )
     head.add_row(
         "bytes up / down",
         f"{human_bytes(series.total_upload_bytes)} / {human_bytes(series.total_download_bytes)}",
     )
+    names = ("round", "accuracy") + (("federated",) if federated else ())
     rounds = _table(
         f"Last {last} rounds",
-        [(name, "right") for name in ("round", "accuracy", "density", "answered", "up", "down")]
+        [(name, "right") for name in (*names, "density", "answered", "up", "down")]
         + [("wall s", "right")],
     )
     start = max(0, len(series.rounds) - last)
@@ -368,6 +395,7 @@ def run_status(
         rounds.add_row(
             str(series.rounds[i]),
             percent(series.accuracy[i]),
+            *((percent(series.federated_accuracy[i]),) if federated else ()),
             f"{series.density[i]:.3f}",
             f"{series.received[i]}/{series.selected[i]}",
             human_bytes(series.upload_bytes[i]),
@@ -458,6 +486,7 @@ class RunProgress:
         self._up = 0
         self._down = 0
         self._accuracy = math.nan
+        self._federated = math.nan
         self._density = math.nan
         self._answered = (0, 0)
         self._round = done + 1
@@ -480,7 +509,8 @@ class RunProgress:
         return (
             f"round {self._round}: {received}/{selected} answered · "
             f"acc {percent(self._accuracy)} · "
-            f"up {human_bytes(self._up)} · down {human_bytes(self._down)} · "
+            + (f"fed {percent(self._federated)} · " if not math.isnan(self._federated) else "")
+            + f"up {human_bytes(self._up)} · down {human_bytes(self._down)} · "
             f"density {self._density:.3f}"
         )
 
@@ -513,11 +543,20 @@ class RunProgress:
         accuracy = report.metrics.get("accuracy")
         if accuracy is not None:
             self._accuracy = float(accuracy)
+        federated = report.metrics.get("federated_accuracy")
+        if federated is not None:
+            self._federated = float(federated)
         self._progress.advance(self._task)
         self._progress.console.print(
             f"round {report.round}/{self.rounds}  {len(report.received)}/{len(report.selected)} "
             f"answered  acc {percent(float(accuracy)) if accuracy is not None else '  n/a'}  "
-            f"up {human_bytes(report.upload_bytes)}  down {human_bytes(report.download_bytes)}  "
+            + (
+                f"fed {percent(float(federated))} "
+                f"({report.metrics.get('federated_devices', 0):.0f} dev)  "
+                if federated is not None
+                else ""
+            )
+            + f"up {human_bytes(report.upload_bytes)}  down {human_bytes(report.download_bytes)}  "
             f"density {report.density:.3f}  {report.wall_s:.1f} s  ({report.closed_by})"
         )
         self._progress.console.file.flush()  # a pipe or a log file sees each round at once

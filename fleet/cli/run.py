@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import os
 from pathlib import Path
 
@@ -292,6 +293,7 @@ def run_status(env: Env, run_id: str, as_json: bool) -> None:
                     "model": record.model_name,
                     "config": record.config,
                     "current_round": record.current_round,
+                    "federated_accuracy": series.final_federated_accuracy,
                     "open_round": None
                     if open_round is None
                     else {
@@ -311,6 +313,10 @@ def run_status(env: Env, run_id: str, as_json: bool) -> None:
                             "upload_bytes": series.upload_bytes[i],
                             "download_bytes": series.download_bytes[i],
                             "wall_s": series.wall_s[i],
+                            "federated_accuracy": series.federated_accuracy[i],
+                            "federated_loss": series.federated_loss[i],
+                            "federated_examples": _whole(series.federated_examples[i]),
+                            "federated_devices": _whole(series.federated_devices[i]),
                         }
                         for i in range(len(series.rounds))
                     ],
@@ -319,6 +325,11 @@ def run_status(env: Env, run_id: str, as_json: bool) -> None:
         )
         return
     env.console.print(render.run_status(record, series, open_round, answered))
+
+
+def _whole(value: float) -> int | None:
+    """A count stored as a float metric, as an integer (None where the round has none)."""
+    return None if math.isnan(value) else int(value)
 
 
 @run.command("report")

@@ -4,15 +4,20 @@ A run file has up to four sections (only ``run`` is required)::
 
     run:          # what the fleet manager runs -> fleet.runtime.runner.RunSpec
       id: mnist-feddst          # optional; default: the file's stem and the start time
-      model: mnist_cnn          # device.models registry name
+      model: mnist_cnn          # a registered name, or {factory: "pkg.mod:build", kwargs: {...},
+                                # input_shape: [1, 28, 28], num_classes: 10} (device.model_ref)
+      prunable: ["conv.*weight"]  # optional: regexes of the tensors to prune (default: every
+                                # Linear and Conv weight)
       strategy: feddst          # fleet.strategies registry name
       rounds: 100
       clients_per_round: 10     # k: updates that close a round
       training: {epochs: 1, lr: 0.01}      # LocalTraining fields, sent to every device
       options: {density: 0.2}   # the strategy's own options (its *Options dataclass)
+      evaluate: {every: 5, fraction: 0.5, min_devices: 3, timeout_s: 60}  # optional:
+                                # federated evaluation on the devices (fleet.runtime.evaluation)
     data:         # evaluation data of the fleet manager, and the simulated devices' data
-      dataset: mnist
-      data_dir: ../data/mnist   # relative to the YAML file
+      dataset: mnist            # or a local format: imagefolder, csv, npz, python, with
+      data_dir: ../data/mnist   # classes and options (fleet.cli.rundata); relative to the file
       partition: shards
     simulation:   # only for `fleet simulate`
       devices: 20
@@ -36,14 +41,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from device.config import load, read_yaml
-from device.data import Split, check_dataset, dataset_names, partitioner_names
+from device.config import SettingError, load, read_yaml
+from device.data import Split, check_dataset
 from device.errors import ConfigError, DataError
-from device.models import model_names, model_spec
+from device.model_ref import ModelRef
+from device.models import find_model_spec, meta_model, model_names, prunable_names
 from device.wire.messages import LocalTraining
 from device.wire.mqtt import TlsSettings, parse_broker_url
 from device.wire.topics import validate_prefix
+from fleet.cli.rundata import DataConfig
 from fleet.runtime.runner import RunSpec
+from fleet.runtime.spec import FederatedEvaluation
 from fleet.sim import Faults, SimSpec
 from fleet.strategies import create_strategy, strategy_names
 
@@ -105,9 +113,15 @@ class RunConfig:
     ``rounds`` >= 1; ``clients_per_round`` (k) >= 1; ``over_select`` >= 1 (select
     ``ceil(k * over_select)`` devices); ``round_timeout_s`` > 0 seconds; ``eval_every`` >= 1
     rounds; ``max_update_bytes`` > 0. ``tags`` are device tag selectors ("key" or "key=value").
+    ``model`` is a registered name, a ``"package.module:callable"`` factory, or a mapping
+    (``device.model_ref.ModelRef``: name or factory, kwargs, input_shape, num_classes);
+    ``prunable``: regular expressions of the parameters to prune (``re.fullmatch``; default:
+    every Linear and Conv weight). ``evaluate``: federated evaluation on the devices
+    (``fleet.runtime.spec.FederatedEvaluation``: ``every``, ``fraction``, ``min_devices``,
+    ``timeout_s``); absent: none.
     """
 
-    model: str
+    model: str | ModelRef
     strategy: str
     rounds: int
     clients_per_round: int
@@ -123,11 +137,26 @@ class RunConfig:
     init_seed: int = 0
     tags: tuple[str, ...] = ()
     max_update_bytes: int = 256 * 1024 * 1024
+    prunable: tuple[str, ...] = ()
+    evaluate: FederatedEvaluation | None = None
 
     def __post_init__(self) -> None:
         # ValueError: the loader turns it into "file:line: run: <message>".
-        if self.model not in model_names():
-            raise ValueError(f"model: unknown model {self.model!r}; known: {_known(model_names())}")
+        try:
+            ref = ModelRef.of(self.model)
+        except ValueError as exc:
+            raise SettingError("model", str(exc)) from None
+        if ref.name and ref.name not in model_names():
+            raise SettingError(
+                "model", f"unknown model {ref.name!r}; known: {_known(model_names())}"
+            )
+        for pattern in self.prunable:
+            try:
+                re.compile(pattern)
+            except re.error as exc:
+                raise SettingError(
+                    "prunable", f"{pattern!r} is not a regular expression: {exc}"
+                ) from None
         if self.strategy not in strategy_names():
             raise ValueError(
                 f"strategy: unknown strategy {self.strategy!r}; known: {_known(strategy_names())}"
@@ -154,32 +183,10 @@ class RunConfig:
                 f"options.{repeated[0]}: set it once, as run.{repeated[0]}, not in run.options"
             )
 
-
-@dataclass(frozen=True)
-class DataConfig:
-    """The ``data`` section: the dataset the fleet manager evaluates on (its test split) and,
-    in a simulation, the one partitioned over the simulated devices.
-
-    ``data_dir`` is relative to the YAML file (mnist needs one; digits is bundled).
-    ``evaluate``: evaluate the global model on the test split after rounds (``run.eval_every``).
-    """
-
-    dataset: str = "digits"
-    data_dir: Path | None = None
-    partition: str = "iid"
-    partition_options: dict[str, Any] = field(default_factory=dict)
-    evaluate: bool = True
-
-    def __post_init__(self) -> None:
-        if self.dataset not in dataset_names():
-            raise ValueError(
-                f"dataset: unknown dataset {self.dataset!r}; known: {_known(dataset_names())}"
-            )
-        if self.partition not in partitioner_names():
-            raise ValueError(
-                f"partition: unknown partitioner {self.partition!r}; "
-                f"known: {_known(partitioner_names())}"
-            )
+    @property
+    def model_ref(self) -> ModelRef:
+        """``model`` as a reference."""
+        return ModelRef.of(self.model)
 
 
 @dataclass(frozen=True)
@@ -329,17 +336,34 @@ def load_config(path: str | Path) -> FleetConfig:
         create_strategy(config.run.strategy, **strategy_options(config.run))
     except (ConfigError, ValueError, TypeError) as exc:
         raise _located(path, "run.options", str(exc)) from None
-    if config.data is not None:
+    check_model(config, path)
+    return config
+
+
+def check_model(config: FleetConfig, path: Path) -> None:
+    """The run's model can be built here (a factory is imported and called, on ``meta``), its
+    ``prunable`` patterns each match a parameter, and it reads the examples of the dataset;
+    ``ConfigError`` at ``run.model`` or ``run.prunable`` otherwise."""
+    ref = config.run.model_ref
+    try:
+        module = meta_model(ref)
+        spec = find_model_spec(ref)
+    except (ConfigError, ValueError) as exc:
+        raise _located(path, "run.model", str(exc)) from None
+    try:
+        prunable_names(module, patterns=config.run.prunable)
+    except ValueError as exc:
+        raise _located(path, "run.prunable", str(exc).removeprefix("prunable: ")) from None
+    if config.data is not None and spec is not None:
         expected = _DATASET_INPUT_SHAPES.get(config.data.dataset)
-        shape = model_spec(config.run.model).input_shape
+        shape = spec.input_shape
         if expected is not None and tuple(shape) != expected:
             raise _located(
                 path,
                 "run.model",
-                f"model {config.run.model!r} reads examples of shape {tuple(shape)}, but dataset "
+                f"model {ref.text!r} reads examples of shape {tuple(shape)}, but dataset "
                 f"{config.data.dataset!r} has {expected}",
             )
-    return config
 
 
 def check_data(config: FleetConfig, path: str | Path, *, simulated: bool) -> None:
@@ -367,7 +391,9 @@ def run_spec(config: FleetConfig, run_id: str) -> RunSpec:
     run = config.run
     return RunSpec(
         run_id=check_run_id(run_id),
-        model_name=run.model,
+        model_name=run.model_ref.text,
+        model_ref=run.model_ref,
+        prunable=run.prunable,
         strategy=run.strategy,
         rounds=run.rounds,
         clients_per_round=run.clients_per_round,
@@ -381,6 +407,7 @@ def run_spec(config: FleetConfig, run_id: str) -> RunSpec:
         tags=run.tags,
         max_update_bytes=run.max_update_bytes,
         init_seed=run.init_seed,
+        evaluate=run.evaluate,
     )
 
 
@@ -398,6 +425,7 @@ def sim_spec(config: FleetConfig, *, devices: int | None = None) -> SimSpec:
         data_dir=data.data_dir,
         partition=data.partition,
         partition_options=dict(data.partition_options),
+        data_options=data.loader_options(),
         seed=sim.seed,
         faults=sim.faults,
         processes=sim.processes,
@@ -411,12 +439,13 @@ def describe(config: FleetConfig, path: Path) -> Mapping[str, Any]:
     return {
         "file": str(path),
         "id": run.id,
-        "model": run.model,
+        "model": run.model_ref.text,
         "strategy": run.strategy,
         "rounds": run.rounds,
         "clients_per_round": run.clients_per_round,
         "options": strategy_options(run),
         "dataset": None if config.data is None else config.data.dataset,
+        "evaluate": None if run.evaluate is None else dataclasses.asdict(run.evaluate),
         "devices": config.simulation.devices,
         "broker": config.broker.url,
     }

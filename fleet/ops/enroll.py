@@ -271,9 +271,10 @@ def acl_rules(prefix: str = DEFAULT_PREFIX, fleet_user: str = FLEET_MANAGER_USER
     """The rules of DESIGN sections 4 and 8 for ``prefix``.
 
     A device may write its own status, events and updates (chunks included), and read its own
-    commands, every run's model (chunks included) and the fleet status; nothing else. These
-    mirror the topic table of ``device.wire.topics``; a test checks every topic built there
-    against them.
+    commands, every run's model (chunks included) and the fleet status; it reads every
+    deployment's notice and artefact (chunks included), and its own remote-inference requests,
+    answering on its own reply topic (docs/deployment.md); nothing else. These mirror the topic
+    table of ``device.wire.topics``; a test checks every topic built there against them.
     """
     p = validate_prefix(prefix)
     return AclRules(
@@ -288,6 +289,14 @@ def acl_rules(prefix: str = DEFAULT_PREFIX, fleet_user: str = FLEET_MANAGER_USER
             ("read", f"{p}/runs/+/model"),
             ("read", f"{p}/runs/+/model/#"),
             ("read", f"{p}/fleet/status"),
+            ("read", f"{p}/deploy/+/notice"),
+            ("read", f"{p}/deploy/+/notice/#"),
+            ("read", f"{p}/deploy/+/artefact"),
+            ("read", f"{p}/deploy/+/artefact/#"),
+            ("read", f"{p}/dev/%u/infer/req"),
+            ("read", f"{p}/dev/%u/infer/req/#"),
+            ("write", f"{p}/dev/%u/infer/res"),
+            ("write", f"{p}/dev/%u/infer/res/#"),
         ),
     )
 
@@ -313,7 +322,8 @@ def render_acl(prefix: str = DEFAULT_PREFIX, fleet_user: str = FLEET_MANAGER_USE
         *(f"topic {access} {topic}" for access, topic in rules.fleet),
         "",
         "# Every device: write its own status, events and updates (and their chunks); read its own",
-        "# commands, the runs' models (and chunks) and the fleet status.",
+        "# commands, the runs' models (and chunks) and the fleet status; read the deployments'",
+        "# notices and artefacts (and chunks); read its own inference requests, write the replies.",
         *(f"pattern {access} {pattern}" for access, pattern in rules.device_patterns),
     ]
     return "\n".join(lines) + "\n"

@@ -26,6 +26,7 @@ from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 from device.errors import NotFoundError
+from device.model_ref import ModelOffer
 from device.wire.messages import DeviceProfile, DeviceStatus, Hardware, LayerProfile, ProfilePoint
 from fleet.state.store import DeviceRecord, Store
 
@@ -74,6 +75,8 @@ class DeviceInfo:
     ``last_seen`` is Unix seconds of the last message applied from it (None if never).
     ``session_epoch`` is None until a status message arrived. ``dataset_size`` is its number of
     local training examples. ``profile`` is its measured speed (PruneFL's cost model) if sent.
+    ``models`` are the models it announced it can build, with their architecture digests (none
+    from an older agent: the runner assumes the built-ins).
     ``cordoned``: take no new work; ``drained``: take no new work and cancel the current job.
     """
 
@@ -90,6 +93,8 @@ class DeviceInfo:
     counters: DeviceCounters
     hardware: Hardware = field(default_factory=Hardware)
     last_failure: str = ""
+    eval_examples: int = 0  # examples it evaluates on (0: not reported, an older agent)
+    models: tuple[ModelOffer, ...] = ()  # what it can build (its status); () = not announced
 
     @property
     def schedulable(self) -> bool:
@@ -195,9 +200,11 @@ def _status_json(status: DeviceStatus) -> dict[str, Any]:
     return {
         "hardware": asdict(status.hardware),
         "dataset_size": status.dataset_size,
+        "eval_examples": status.eval_examples,
         "profile": None if status.profile is None else profile_to_json(status.profile),
         "reported_tags": list(status.tags),
         "timestamp_unix_s": status.timestamp_unix_s,
+        "models": [offer.to_json() for offer in status.models],
     }
 
 
@@ -233,7 +240,21 @@ def _info_from_record(record: DeviceRecord) -> DeviceInfo:
         ),
         hardware=_hardware_from_json(hardware_data),
         last_failure=record.last_failure,
+        eval_examples=int(status.get("eval_examples", 0)),
+        models=_models_from_json(status.get("models") or ()),
     )
+
+
+def _models_from_json(data: Iterable[Mapping[str, Any]]) -> tuple[ModelOffer, ...]:
+    # A row another version wrote may hold an offer this version cannot read: skip it, the
+    # device announces again at its next birth.
+    offers = []
+    for item in data:
+        try:
+            offers.append(ModelOffer.from_json(item))
+        except (ValueError, TypeError, AttributeError):
+            continue
+    return tuple(offers)
 
 
 # --------------------------------------------------------------------------------------------

@@ -23,6 +23,20 @@ def _num(value: float, digits: int = 3) -> str:
     return "n/a" if math.isnan(value) else f"{value:.{digits}f}"
 
 
+def _at(values: Sequence[float], i: int) -> float:
+    """``values[i]``, NaN where a series does not have it (one built without that figure)."""
+    return values[i] if i < len(values) else math.nan
+
+
+def _federated(s: RunSeries, i: int) -> str:
+    """Round ``i``'s federated accuracy with the devices and examples it combined."""
+    accuracy = _at(s.federated_accuracy, i)
+    if math.isnan(accuracy):
+        return "n/a"
+    devices, examples = _at(s.federated_devices, i), _at(s.federated_examples, i)
+    return f"{_pct(accuracy)} ({devices:.0f} devices, {examples:.0f} ex.)"
+
+
 def _settings_rows(config: Mapping[str, Any]) -> list[tuple[str, str]]:
     rows: list[tuple[str, str]] = []
     for key, value in config.items():
@@ -50,14 +64,16 @@ def markdown(
         f"# SparseFleet report: {', '.join(s.run_id for s in series)}",
         "",
         f"Generated {when} by `fleet run report`. Accuracy is the global model's on the test "
-        "split; bytes are payload bytes (MB = 10^6 bytes); density is the kept fraction of the "
-        "pruned tensors.",
+        "split; federated accuracy is its accuracy on the devices' own held-out data (federated "
+        "evaluation, weighted by each device's example count); bytes are payload bytes "
+        "(MB = 10^6 bytes); density is the kept fraction of the pruned tensors.",
         "",
         "## Results",
         "",
         "| run | strategy | model | status | rounds | final accuracy | best accuracy "
-        "| uploaded MB | downloaded MB | upload vs dense | final density | wall s |",
-        "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| federated accuracy | uploaded MB | downloaded MB | upload vs dense | final density "
+        "| wall s |",
+        "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for s in series:
         ratio = (
@@ -68,6 +84,7 @@ def markdown(
         lines.append(
             f"| {s.run_id} | {s.strategy} | {s.model_name} | {s.status} | {len(s.rounds)} "
             f"| {_pct(s.final_accuracy)} | {_pct(s.best_accuracy)} "
+            f"| {_pct(s.final_federated_accuracy)} "
             f"| {s.total_upload_bytes / MB:.3f} | {s.total_download_bytes / MB:.3f} | {ratio} "
             f"| {_num(s.final_density)} | {s.total_wall_s:.1f} |"
         )
@@ -88,18 +105,19 @@ def markdown(
         lines += [f"| {k} | {v} |" for k, v in _settings_rows(s.config)]
         lines += [
             "",
-            "| round | accuracy | loss | density | answered / selected | up KB | down KB "
-            "| wall s |",
-            "|---:|---:|---:|---:|---:|---:|---:|---:|",
+            "| round | accuracy | loss | federated accuracy | federated loss | density "
+            "| answered / selected | up KB | down KB | wall s |",
+            "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
         ]
         for i, round_ in enumerate(s.rounds):
             lines.append(
-                f"| {round_} | {_pct(s.accuracy[i])} | {_num(s.loss[i])} | {_num(s.density[i])} "
+                f"| {round_} | {_pct(s.accuracy[i])} | {_num(s.loss[i])} "
+                f"| {_federated(s, i)} | {_num(_at(s.federated_loss, i))} | {_num(s.density[i])} "
                 f"| {s.received[i]} / {s.selected[i]} | {s.upload_bytes[i] / 1000:.1f} "
                 f"| {s.download_bytes[i] / 1000:.1f} | {_num(s.wall_s[i], 2)} |"
             )
         if not s.rounds:
-            lines.append("| (no closed rounds) | | | | | | | |")
+            lines.append("| (no closed rounds) | | | | | | | | | |")
         lines.append("")
     return "\n".join(lines)
 

@@ -30,23 +30,46 @@ def _no_data(ax: Any, what: str) -> None:
     ax.text(0.5, 0.5, what, ha="center", va="center", transform=ax.transAxes, color="0.4")
 
 
-def accuracy_figure(series: Sequence[RunSeries]) -> Figure:
-    """Test accuracy (%) against round, one line per run (labelled ``run (strategy)``)."""
-    fig, ax = _figure()
+def _accuracy_lines(ax: Any, series: Sequence[RunSeries], x_of: Any) -> bool:
+    """Each run's test accuracy (%) (solid) and federated accuracy (dashed, the devices' own
+    held-out data) at ``x_of(series, i)``; whether anything was drawn."""
+    drawn = False
     for s in series:
         idx = s.evaluated()
-        ax.plot(
-            [s.rounds[i] for i in idx],
-            [100.0 * s.accuracy[i] for i in idx],
-            marker="o",
-            markersize=3,
-            label=s.label,
-        )
+        line = None
+        if idx:
+            (line,) = ax.plot(
+                [x_of(s, i) for i in idx],
+                [100.0 * s.accuracy[i] for i in idx],
+                marker="o",
+                markersize=3,
+                label=s.label,
+            )
+        fed = s.federated_evaluated()
+        if fed:
+            ax.plot(
+                [x_of(s, i) for i in fed],
+                [100.0 * s.federated_accuracy[i] for i in fed],
+                linestyle="--",
+                marker="s",
+                markersize=3,
+                color=None if line is None else line.get_color(),
+                label=f"{s.label}, federated",
+            )
+        drawn = drawn or bool(idx) or bool(fed)
+    return drawn
+
+
+def accuracy_figure(series: Sequence[RunSeries]) -> Figure:
+    """Accuracy (%) against round, per run: on the fleet manager's test set (solid, labelled
+    ``run (strategy)``) and federated, on the devices (dashed, ``run (strategy), federated``)."""
+    fig, ax = _figure()
+    drawn = _accuracy_lines(ax, series, lambda s, i: s.rounds[i])
     ax.set_xlabel("round")
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.set_ylabel("test accuracy (%)")
+    ax.set_ylabel("accuracy (%)")
     ax.set_title("Accuracy by round")
-    if any(s.evaluated() for s in series):
+    if drawn:
         ax.legend(loc="lower right")
     else:
         _no_data(ax, "no evaluated rounds yet")
@@ -54,22 +77,14 @@ def accuracy_figure(series: Sequence[RunSeries]) -> Figure:
 
 
 def accuracy_upload_figure(series: Sequence[RunSeries]) -> Figure:
-    """Test accuracy (%) against cumulative uploaded MB (10^6 bytes), one line per run."""
+    """Accuracy (%) against cumulative uploaded MB (10^6 bytes), per run: test set (solid)
+    and federated (dashed), as in ``accuracy_figure``."""
     fig, ax = _figure()
-    for s in series:
-        idx = s.evaluated()
-        cumulative = s.cumulative_upload_mb
-        ax.plot(
-            [cumulative[i] for i in idx],
-            [100.0 * s.accuracy[i] for i in idx],
-            marker="o",
-            markersize=3,
-            label=s.label,
-        )
+    drawn = _accuracy_lines(ax, series, lambda s, i: s.cumulative_upload_mb[i])
     ax.set_xlabel("cumulative uploaded MB (devices to fleet manager)")
-    ax.set_ylabel("test accuracy (%)")
+    ax.set_ylabel("accuracy (%)")
     ax.set_title("Accuracy by uploaded bytes")
-    if any(s.evaluated() for s in series):
+    if drawn:
         ax.legend(loc="lower right")
     else:
         _no_data(ax, "no evaluated rounds yet")

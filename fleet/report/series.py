@@ -20,7 +20,10 @@ class RunSeries:
     """One run's closed rounds as parallel tuples (index i = ``rounds[i]``).
 
     ``accuracy`` is in [0, 1] and NaN for rounds that were not evaluated; bytes are per round
-    (``up``: devices to the fleet manager). ``layer_density`` maps each pruned tensor to
+    (``up``: devices to the fleet manager). ``federated_*`` are the federated evaluation's
+    (``fleet.runtime.evaluation``: the devices' own held-out data, weighted by example count),
+    NaN for rounds it did not measure; ``federated_examples`` and ``federated_devices`` are the
+    examples and devices it combined. ``layer_density`` maps each pruned tensor to
     ``(round, density)`` points from the checkpoints (round 0 = the model before round 1); it is
     empty for a dense run.
     """
@@ -39,6 +42,10 @@ class RunSeries:
     received: tuple[int, ...] = ()
     selected: tuple[int, ...] = ()
     wall_s: tuple[float, ...] = ()
+    federated_accuracy: tuple[float, ...] = ()
+    federated_loss: tuple[float, ...] = ()
+    federated_examples: tuple[float, ...] = ()
+    federated_devices: tuple[float, ...] = ()
     layer_density: Mapping[str, tuple[tuple[int, float], ...]] = field(default_factory=dict)
 
     @property
@@ -57,6 +64,15 @@ class RunSeries:
     def evaluated(self) -> list[int]:
         """Indices of the rounds that have an accuracy."""
         return [i for i, a in enumerate(self.accuracy) if not math.isnan(a)]
+
+    def federated_evaluated(self) -> list[int]:
+        """Indices of the rounds that have a federated accuracy."""
+        return [i for i, a in enumerate(self.federated_accuracy) if not math.isnan(a)]
+
+    @property
+    def final_federated_accuracy(self) -> float:
+        idx = self.federated_evaluated()
+        return self.federated_accuracy[idx[-1]] if idx else math.nan
 
     @property
     def final_accuracy(self) -> float:
@@ -120,6 +136,10 @@ def load_series(store: Store, run_id: str, *, layers: bool = True) -> RunSeries:
         received=tuple(int(r.metrics.get("received", 0)) for r in closed),
         selected=tuple(len(r.selected) for r in closed),
         wall_s=tuple(_float(r.metrics, "wall_s") for r in closed),
+        federated_accuracy=tuple(_float(r.metrics, "federated_accuracy") for r in closed),
+        federated_loss=tuple(_float(r.metrics, "federated_loss") for r in closed),
+        federated_examples=tuple(_float(r.metrics, "federated_examples") for r in closed),
+        federated_devices=tuple(_float(r.metrics, "federated_devices") for r in closed),
         layer_density={k: tuple(v) for k, v in layer_density.items()},
     )
 

@@ -8,11 +8,14 @@ open round's input model, else the newest checkpoint).
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-from device.models import create_model, prunable_names
+from device.errors import ConfigError
+from device.model_id import architecture_digest, layout_difference
+from device.model_ref import ModelRef
+from device.models import ModelLike, create_model, meta_model, prunable_names
 from device.seeding import derive_seed
 from device.wire.codec import KnownMask, model_digest
 from fleet.runtime.spec import RunSpec
@@ -20,13 +23,49 @@ from fleet.state.store import Store
 from fleet.strategies.base import GlobalModel, Strategy
 
 
-def initial_weights(model_name: str, seed: int) -> tuple[dict[str, np.ndarray], list[str]]:
-    """The seeded initial weights of a registered model and the names of its prunable tensors."""
-    module = create_model(model_name, seed=seed)
+def initial_model(
+    model: ModelLike, seed: int, prunable: Sequence[str] = ()
+) -> tuple[dict[str, np.ndarray], list[str], bytes]:
+    """The seeded initial weights of ``model`` (every state_dict entry as float32, buffers
+    included), the names of its prunable tensors (``prunable``: a run's regular expressions;
+    empty: every Linear and Conv weight) and its architecture digest (``device.model_id``).
+
+    Raises ``ConfigError`` (naming the model) when it cannot be built or a pattern is bad.
+    """
+    ref = ModelRef.of(model)
+    try:
+        module = create_model(ref, seed=seed)
+        names = prunable_names(module, patterns=prunable)
+    except ValueError as exc:  # unknown name, a bad pattern (a factory's error is a ConfigError)
+        raise ConfigError(f"model {ref.text!r}: {exc}") from None
     weights = {
         k: v.detach().cpu().numpy().astype(np.float32) for k, v in module.state_dict().items()
     }
-    return weights, prunable_names(module)
+    return weights, names, architecture_digest(module, ref)
+
+
+def initial_weights(
+    model: ModelLike, seed: int, prunable: Sequence[str] = ()
+) -> tuple[dict[str, np.ndarray], list[str]]:
+    """The seeded initial weights of ``model`` and the names of its prunable tensors
+    (``initial_model`` without the digest)."""
+    weights, names, _ = initial_model(model, seed, prunable)
+    return weights, names
+
+
+def restored_architecture(spec: RunSpec, weights: Mapping[str, np.ndarray]) -> bytes:
+    """The architecture digest of the run's model as this process builds it now, after checking
+    that the build has the checkpoint's tensors (a changed model package would otherwise send
+    devices weights of another layout); ``ConfigError`` naming the difference."""
+    ref = spec.model
+    module = meta_model(ref)
+    difference = layout_difference(module, weights)
+    if difference:
+        raise ConfigError(
+            f"run {spec.run_id!r}: model {ref.text!r} as built now does not match the run's "
+            f"checkpoint ({difference}); install the model package the run started with"
+        )
+    return architecture_digest(module, ref)
 
 
 def masks_differ(a: Mapping[str, np.ndarray], b: Mapping[str, np.ndarray]) -> bool:
@@ -40,9 +79,11 @@ class CurrentModel:
     """The current global model, its digest and mask version, and the model before it.
 
     Invariants: ``digest`` is ``model_digest`` of ``model`` (None until ``start_new`` or
-    ``restore``); ``mask_version`` is the version of the model whose masks are current (masks
-    that did not change keep their version, so devices keep their cached masks); the mask book
-    of ``model`` and of ``previous`` (what late updates were trained on) are kept, no other.
+    ``restore``); ``architecture_digest`` is the run's model's (``device.model_id``), the same
+    for every version; ``mask_version`` is the version of the model whose masks are current
+    (masks that did not change keep their version, so devices keep their cached masks); the
+    mask book of ``model`` and of ``previous`` (what late updates were trained on) are kept, no
+    other.
     """
 
     def __init__(self, spec: RunSpec, store: Store, strategy: Strategy) -> None:
@@ -52,6 +93,7 @@ class CurrentModel:
         self.model: GlobalModel | None = None
         self.digest = b""
         self.mask_version = 0
+        self.architecture_digest = b""
         self.previous: tuple[GlobalModel, bytes] | None = None  # for the "next" late policy
         self._books: dict[int, dict[str, KnownMask]] = {}  # model version -> its masks
 
@@ -62,7 +104,9 @@ class CurrentModel:
         self.store.create_run(
             spec.run_id, config=spec.to_json(), strategy=spec.strategy, model_name=spec.model_name
         )
-        weights, prunable = initial_weights(spec.model_name, spec.init_seed)
+        weights, prunable, self.architecture_digest = initial_model(
+            spec.model, spec.init_seed, spec.prunable
+        )
         rng = np.random.default_rng(derive_seed(spec.run_id, "init", spec.seed))
         model = self.strategy.initialize(weights, spec.model_name, prunable, rng)
         self.set(model, mask_changed=True)
@@ -75,6 +119,7 @@ class CurrentModel:
         open_round = self.store.find_open_round(self.spec.run_id)
         version = open_round.model_version_in if open_round is not None else None
         checkpoint = self.store.load_checkpoint(self.spec.run_id, version)
+        self.architecture_digest = restored_architecture(self.spec, checkpoint.weights)
         model = GlobalModel(
             version=checkpoint.record.version,
             weights=dict(checkpoint.weights),

@@ -68,6 +68,8 @@ class Commands:
             mask_version=self.current.mask_version,
             weights=model.weights,
             masks=model.masks,
+            model_ref=self.current.spec.model,
+            architecture_digest=self.current.architecture_digest,
         )
         payload = envelope.encode(Envelope(body=snapshot, run_id=self.run_id))
         self.transport.publish(self.topics.run_model(self.run_id), payload, qos=1, retain=True)

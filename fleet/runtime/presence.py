@@ -122,10 +122,11 @@ def stray_retained(
 ) -> list[str]:
     """Which of the ``retained`` topics under the fleet's prefix nobody should have retained.
 
-    Expected: device statuses (births and wills), the fleet manager's status, and the model of
-    a run that is running. Everything else is a stray: a retained command would be replayed to
-    its device at every reconnect, a retained update to every new subscriber, the model of an
-    ended run is dead weight. Sorted."""
+    Expected: device statuses (births and wills), the fleet manager's status, the model of
+    a run that is running, and deployments' notices and artefacts (docs/deployment.md).
+    Everything else is a stray: a retained command would be replayed to its device at every
+    reconnect, a retained update to every new subscriber, the model of an ended run is dead
+    weight. Sorted."""
     running = set(running_runs)
     strays = []
     for topic in retained:
@@ -138,5 +139,7 @@ def stray_retained(
             continue
         if parsed.kind == TopicKind.RUN_MODEL and parsed.run_id in running:
             continue
+        if parsed.kind in (TopicKind.DEPLOY_NOTICE, TopicKind.DEPLOY_ARTEFACT):
+            continue  # deployments stay retained for devices that connect later
         strays.append(topic)
     return sorted(strays)

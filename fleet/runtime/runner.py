@@ -8,7 +8,8 @@ over the in-memory broker. One thread does all the work: transport callbacks onl
 what it reports), ``selection`` (eligible devices, over-selection), ``commands`` (model, round
 commands, fleet status), ``handler`` (judging each message: validate, store, acknowledge),
 ``collection`` (the round in progress and when it closes), ``checkpoint`` (the current model,
-checkpoints, start and restore) and ``initial`` (PruneFL's initial-prune job).
+checkpoints, start and restore), ``initial`` (PruneFL's initial-prune job) and ``evaluation``
+(federated evaluation on the devices after a round closed, ``RunSpec.evaluate``).
 
 Durability: an update is written to the store (payload file, then row) before it is acknowledged;
 a checkpoint of the new global model and the strategy's state is written before the round is
@@ -31,6 +32,7 @@ in the runner, so they are refused with workers (``check_sharding``).
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections.abc import Callable, Mapping
@@ -45,6 +47,7 @@ from fleet.runtime.checkpoint import CurrentModel, initial_weights, masks_differ
 from fleet.runtime.collection import Collector, RoundState
 from fleet.runtime.commands import Commands
 from fleet.runtime.coordinator import Coordinator
+from fleet.runtime.evaluation import FederatedEvaluator
 from fleet.runtime.handler import MessageHandler
 from fleet.runtime.initial import run_initial_job
 from fleet.runtime.selection import Selection
@@ -155,6 +158,18 @@ class Runner:
             clock=clock,
             sharded=sharded,
             supervise=supervise,
+        )
+        self.federated = FederatedEvaluator(
+            spec,
+            transport,
+            store,
+            self.topics,
+            self.registry,
+            self.current,
+            candidates=lambda: [c.device_id for c in self.selection.candidates()],
+            publish_model=self.commands.publish_model,
+            handle=self.handler.handle,
+            clock=clock,
         )
         self._stop = False
         self.reports: list[RoundReport] = []
@@ -420,5 +435,8 @@ class Runner:
             },
             reason=closed_by,
         )
+        federated = self.federated.after_round(round_)  # stored with the round it measures
+        if federated:
+            report = dataclasses.replace(report, metrics={**report.metrics, **federated})
         self._progress("round_closed", {"report": report})
         return report

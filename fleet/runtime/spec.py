@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
 from device.errors import ConfigError
+from device.model_ref import ModelRef
 from fleet.strategies import create_strategy
 from fleet.strategies.accumulate import kind_of
 from fleet.strategies.base import GlobalModel, Strategy
@@ -34,12 +35,49 @@ answered (an update or a failure)."""
 
 
 @dataclass(frozen=True)
+class FederatedEvaluation:
+    """Federated evaluation (``fleet.runtime.evaluation``): after every ``every``-th round's
+    aggregation (and the last round's), the current model is sent with an ``EvaluateCommand``
+    to a sample of the online devices (idle ones too): ``ceil(fraction * eligible)`` of them, at
+    least ``min_devices``. Their loss and accuracy, weighted by their example counts, are stored
+    with the round when at least ``min_devices`` answered within ``timeout_s`` seconds.
+
+    ``every`` >= 1 rounds; ``fraction`` in (0, 1]; ``min_devices`` >= 1; ``timeout_s`` > 0.
+    """
+
+    every: int = 1
+    fraction: float = 1.0
+    min_devices: int = 1
+    timeout_s: float = 60.0
+
+    def __post_init__(self) -> None:
+        for name, ok, rule in (
+            ("every", self.every >= 1, "at least 1 round"),
+            ("fraction", 0.0 < self.fraction <= 1.0, "a fraction in (0, 1]"),
+            ("min_devices", self.min_devices >= 1, "at least 1"),
+            ("timeout_s", self.timeout_s > 0, "more than 0 seconds"),
+        ):
+            if not ok:
+                raise ValueError(f"{name}: must be {rule}, got {getattr(self, name)!r}")
+
+    def due(self, round_: int, rounds: int) -> bool:
+        """Whether round ``round_`` of a run of ``rounds`` rounds is evaluated."""
+        return round_ % self.every == 0 or round_ == rounds
+
+
+@dataclass(frozen=True)
 class RunSpec:
     """Everything that defines a run. Stored as JSON with the run, so ``resume`` needs nothing else.
 
     ``clients_per_round`` (k) updates close a round early; ``over_select`` >= 1 selects
     ``ceil(k * over_select)`` devices so that stragglers do not hold it open; the deadline closes
     it otherwise, with whatever arrived (at least ``min_updates`` for an aggregation to happen).
+
+    The model: ``model_name`` is the text of its reference (``device.model_ref``: a registered
+    name, or a factory with kwargs), ``model_ref`` the reference itself (None: read from
+    ``model_name``; filled in on construction, so ``model`` is always the reference).
+    ``prunable``: regular expressions naming the tensors the strategy may prune
+    (``device.models.prunable_names``); empty: the weights of every Linear and Conv layer.
     """
 
     run_id: str
@@ -57,17 +95,48 @@ class RunSpec:
     tags: tuple[str, ...] = ()
     max_update_bytes: int = 256 * 1024 * 1024
     init_seed: int = 0
+    model_ref: ModelRef | None = None
+    prunable: tuple[str, ...] = ()
+    evaluate: FederatedEvaluation | None = None  # federated evaluation; None: none
+
+    def __post_init__(self) -> None:
+        if self.model_ref is None:
+            try:
+                object.__setattr__(self, "model_ref", ModelRef.parse(self.model_name))
+            except ValueError as exc:
+                raise ConfigError(f"run {self.run_id!r}: {exc}") from None
+        elif not self.model_name:
+            object.__setattr__(self, "model_name", self.model_ref.text)
+        elif self.model_name != self.model_ref.text:
+            raise ConfigError(
+                f"run {self.run_id!r}: model_name {self.model_name!r} is not the text of its "
+                f"model_ref {self.model_ref.text!r}"
+            )
+        object.__setattr__(self, "prunable", tuple(self.prunable))
+
+    @property
+    def model(self) -> ModelRef:
+        """The run's model reference (never None after construction)."""
+        assert self.model_ref is not None
+        return self.model_ref
 
     def to_json(self) -> dict[str, Any]:
         data = asdict(self)
         data["strategy_options"] = dict(self.strategy_options)
         data["tags"] = list(self.tags)
+        data["model_ref"] = self.model.to_json()
+        data["prunable"] = list(self.prunable)
         return data
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> RunSpec:
         values = dict(data)
         values["tags"] = tuple(values.get("tags", ()))
+        if values.get("model_ref") is not None:
+            values["model_ref"] = ModelRef.from_json(values["model_ref"])
+        values["prunable"] = tuple(values.get("prunable", ()))
+        if values.get("evaluate") is not None:
+            values["evaluate"] = FederatedEvaluation(**values["evaluate"])
         return cls(**values)
 
 

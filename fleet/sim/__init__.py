@@ -3,10 +3,13 @@
 ``simulate`` is the room's front door; ``core`` holds what both transports share, ``memory``
 runs everything in one process, ``mqtt`` gives every agent its own connection to mosquitto
 (spread over worker processes; a throw-away broker on a free loopback port unless one is given).
+``userdata`` splits a user's dataset (a device-local format) into per-device directories that
+the simulated devices read as real devices read theirs.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Literal
 
@@ -34,7 +37,11 @@ def simulate(
     """Run ``run`` on ``sim.devices`` simulated devices and return the round reports.
 
     ``broker_url`` and ``logins`` (accounts on an authenticated broker) apply to ``mqtt``.
+    Simulated devices run this process's code, so unless ``sim.models`` says otherwise they
+    announce the run's model.
     """
+    if not sim.models:
+        sim = dataclasses.replace(sim, models=(run.model,))
     torch.set_num_threads(max(1, sim.torch_threads))
     if transport == "memory":
         return simulate_memory(run, sim, store_dir, on_progress, evaluate_on_test)

@@ -14,21 +14,26 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from device.agent import AgentOptions, DeviceAgent
-from device.data import Dataset, load_dataset, partition
+from device.agent import AgentOptions, DataSource, DeviceAgent
+from device.data import FORMATS, Dataset, iid, load_dataset, partition
+from device.errors import DataError
 from device.job import load_model
+from device.local_data import DataCounts, DeviceData
+from device.model_id import offers
+from device.model_ref import ModelOffer, ModelRef
 from device.seeding import derive_seed
 from device.trainer import evaluate
 from device.wire.messages import ModelSnapshot
 from device.wire.topics import Topics
 from device.wire.transport import Transport
+from fleet.sim.userdata import DeviceDirectories, local_spec, materialise
 from fleet.strategies.base import GlobalModel
 
 log = logging.getLogger(__name__)
@@ -58,6 +63,18 @@ class SimSpec:
     faults: Faults = field(default_factory=Faults)
     processes: int = 2  # MQTT mode: worker processes hosting the agents
     torch_threads: int = 1  # per training job; jobs of different devices run in parallel
+    # The models the devices announce they can build (``simulate`` fills in the run's): empty,
+    # they announce none, as an older agent does (the fleet manager then assumes the built-ins).
+    models: tuple[ModelRef, ...] = ()
+    # A user's dataset in a local format (``dataset`` imagefolder|csv|npz|python, at
+    # ``data_dir``): the LocalDataSpec settings of the run file's data section (classes,
+    # eval_fraction, seed, the format's own options); ``fleet.sim.userdata``.
+    data_options: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        # From a launch record (JSON) the models come back as mappings.
+        refs = tuple(m if isinstance(m, ModelRef) else ModelRef.from_json(m) for m in self.models)
+        object.__setattr__(self, "models", refs)
 
 
 def device_ids(count: int) -> list[str]:
@@ -66,12 +83,19 @@ def device_ids(count: int) -> list[str]:
 
 
 class PartitionedData:
-    """A picklable data source: device partition ``"i"`` of a dataset, loaded once per process."""
+    """A picklable data source: device partition ``"i"`` of a dataset, loaded once per process.
+
+    Called with a partition name it is a plain data source (the training partition);
+    ``source_for(i)`` is device ``i``'s ``DeviceData``: its training partition, and for federated
+    evaluation its IID share of the test split (partitioned with a seed of its own; no share,
+    and evaluations fail, when the dataset has no readable test split).
+    """
 
     def __init__(self, spec: SimSpec) -> None:
         self.spec = spec
         self._train: Dataset | None = None
         self._parts: list[np.ndarray] | None = None
+        self._test: tuple[Dataset, list[np.ndarray]] | DataError | None = None
         self._lock = threading.Lock()
 
     def __getstate__(self) -> dict[str, Any]:
@@ -110,12 +134,87 @@ class PartitionedData:
     def size(self, index: int) -> int:
         return len(self._load()[1][index])
 
+    def _load_test(self) -> tuple[Dataset, list[np.ndarray]] | DataError:
+        with self._lock:
+            if self._test is None:
+                spec = self.spec
+                try:
+                    test = load_dataset(spec.dataset, data_dir=spec.data_dir, split="test")
+                except DataError as exc:
+                    self._test = exc
+                else:
+                    seed = derive_seed("partition-test", spec.dataset, spec.seed)
+                    self._test = (test, iid(test.labels(), spec.devices, seed=seed))
+            return self._test
+
+    def counts(self, index: int) -> DataCounts:
+        """Device ``index``'s examples: its training partition and its test share."""
+        test = self._load_test()
+        evaluation = 0 if isinstance(test, DataError) else len(test[1][index])
+        return DataCounts(train=self.size(index), evaluation=evaluation)
+
+    def source_for(self, index: int) -> DeviceData:
+        """Device ``index``'s data (the class docstring)."""
+        return _Partition(self, index)
+
+
+class _Partition(DeviceData):
+    """One simulated device's partition of a bundled dataset (``PartitionedData.source_for``)."""
+
+    def __init__(self, data: PartitionedData, index: int) -> None:
+        self._data = data
+        self._index = index
+
+    def refresh(self) -> DataCounts:
+        return self._data.counts(self._index)
+
+    def train(self) -> Dataset:
+        return self._data(str(self._index))
+
+    def evaluation(self) -> Dataset:
+        test = self._data._load_test()
+        if isinstance(test, DataError):
+            raise test
+        return test[0].subset(test[1][self._index])
+
+
+FleetData = PartitionedData | DeviceDirectories
+"""What simulated devices read: partitions of a bundled dataset, or materialised directories of
+a user's dataset (``fleet.sim.userdata``). Both are picklable and give device ``i``'s data with
+``source_for(i)`` and its counts with ``counts(i)``."""
+
+
+def sim_data_root(store_dir: Path, run_id: str) -> Path:
+    """Where a simulation of ``run_id`` materialises its devices' directories."""
+    return Path(store_dir) / "simdata" / run_id
+
+
+def fleet_data(sim: SimSpec, root: Path, *, hold_out: bool) -> FleetData:
+    """The simulated devices' data: a bundled dataset's partitions, or, for a local format, the
+    user's dataset materialised in per-device directories under ``root`` (``hold_out``: keep
+    the fleet manager's test set out of them; ``fleet.sim.userdata.materialise``)."""
+    if sim.dataset not in FORMATS:
+        return PartitionedData(sim)
+    spec = local_spec(sim.dataset, sim.data_dir, sim.data_options)
+    specs = materialise(
+        spec,
+        root,
+        device_ids(sim.devices),
+        partitioner=sim.partition,
+        partition_options=sim.partition_options,
+        seed=sim.seed,
+        hold_out=hold_out,
+    )
+    return DeviceDirectories(specs)
+
 
 def make_evaluator(
-    dataset: str, data_dir: Path | None
+    dataset: str, data_dir: Path | None, options: Mapping[str, Any] | None = None
 ) -> Callable[[GlobalModel], dict[str, float]]:
-    """Evaluate global models on the dataset's test split (loaded once)."""
-    test = load_dataset(dataset, data_dir=data_dir, split="test")
+    """Evaluate global models on the dataset's test split (loaded once). ``options`` are the
+    loader's (a local format's ``LocalDataSpec`` settings: its test split is the evaluation
+    side of its split)."""
+    test = load_dataset(dataset, data_dir=data_dir, split="test", **dict(options or {}))
 
     def evaluator(model: GlobalModel) -> dict[str, float]:
         snapshot = ModelSnapshot(
@@ -154,7 +253,7 @@ class SimulatedAgent(DeviceAgent):
     def __init__(
         self,
         transport: Transport,
-        data: PartitionedData,
+        data: DataSource | DeviceData,
         options: AgentOptions,
         fault: str | None,
         faults: Faults,
@@ -179,12 +278,20 @@ class SimulatedAgent(DeviceAgent):
 
 
 def _agent_options(
-    spec: SimSpec, data: PartitionedData, index: int, device_id: str, topics: Topics
+    spec: SimSpec,
+    data: FleetData,
+    index: int,
+    device_id: str,
+    topics: Topics,
+    models: tuple[ModelOffer, ...] = (),
 ) -> AgentOptions:
+    counts = data.counts(index)
     return AgentOptions(
         device_id=device_id,
         topics=topics,
-        dataset_size=data.size(index),
+        dataset_size=counts.train,
+        eval_examples=counts.evaluation,
+        models=models,
         torch_threads=0,  # set once per process: torch's thread pool is process-wide
         # session_epoch left at 0: derived from the clock as a real agent's is, so a second
         # simulation in the same store outranks the first one's stored "offline" (issue 23).
@@ -200,20 +307,21 @@ def partition_lookup(count: int) -> Callable[[str], str]:
 def start_agents(
     make_transport: Callable[[str], Transport],
     sim: SimSpec,
-    data: PartitionedData,
+    data: FleetData,
     topics: Topics,
     plan: dict[str, str],
     indices: Sequence[int] | range,
 ) -> list[DeviceAgent]:
     """Start the agents of the given device indices; each publishes its birth."""
     ids = device_ids(sim.devices)
+    models = offers(sim.models)  # built once: every simulated device builds the same
     agents: list[DeviceAgent] = []
     for i in indices:
         device_id = ids[i]
         agent = SimulatedAgent(
             make_transport(device_id),
-            data,
-            _agent_options(sim, data, i, device_id, topics),
+            data.source_for(i),
+            _agent_options(sim, data, i, device_id, topics, models),
             plan.get(device_id),
             sim.faults,
         )

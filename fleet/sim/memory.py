@@ -8,11 +8,12 @@ from device.wire.memory import MemoryBroker, MemoryTransport
 from device.wire.topics import Topics
 from fleet.runtime.runner import ProgressCallback, RoundReport, Runner, RunSpec
 from fleet.sim.core import (
-    PartitionedData,
     SimSpec,
     fault_plan,
+    fleet_data,
     make_evaluator,
     partition_lookup,
+    sim_data_root,
     start_agents,
 )
 from fleet.state.store import Store
@@ -28,7 +29,7 @@ def simulate_memory(
     """Run ``run`` on ``sim.devices`` agents that share one in-process ``MemoryBroker``."""
     broker = MemoryBroker()
     topics = Topics()
-    data = PartitionedData(sim)
+    data = fleet_data(sim, sim_data_root(store_dir, run.run_id), hold_out=evaluate_on_test)
     plan = fault_plan(sim)
     agents = start_agents(
         lambda device_id: MemoryTransport(broker, device_id),
@@ -45,7 +46,9 @@ def simulate_memory(
             MemoryTransport(broker, "fleet-manager"),
             store,
             topics=topics,
-            evaluator=make_evaluator(sim.dataset, sim.data_dir) if evaluate_on_test else None,
+            evaluator=make_evaluator(sim.dataset, sim.data_dir, sim.data_options)
+            if evaluate_on_test
+            else None,
             partition_for=partition_lookup(sim.devices),
             on_progress=on_progress,
         )

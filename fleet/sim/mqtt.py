@@ -23,12 +23,14 @@ from device.wire.mqtt import MqttTransport, parse_broker_url
 from device.wire.topics import Topics
 from fleet.runtime.runner import ProgressCallback, RoundReport, Runner, RunSpec
 from fleet.sim.core import (
-    PartitionedData,
+    FleetData,
     SimSpec,
     device_ids,
     fault_plan,
+    fleet_data,
     make_evaluator,
     partition_lookup,
+    sim_data_root,
     start_agents,
 )
 from fleet.state.store import Store
@@ -56,6 +58,7 @@ def _worker(
     host: str,
     port: int,
     sim: SimSpec,
+    data: FleetData,
     indices: Sequence[int],
     ready: mp.synchronize.Event,
     stop: mp.synchronize.Event,
@@ -64,7 +67,6 @@ def _worker(
 ) -> None:  # runs in a child process
     logging.basicConfig(level=logging.WARNING)
     torch.set_num_threads(max(1, sim.torch_threads))
-    data = PartitionedData(sim)
     agents = start_agents(
         lambda device_id: MqttTransport(
             device_id,
@@ -96,6 +98,7 @@ class DeviceFleet:
         host: str,
         port: int,
         sim: SimSpec,
+        data: FleetData,
         *,
         prefix: str = "fl/v1",
         passwords: Mapping[str, str] | None = None,
@@ -112,7 +115,7 @@ class DeviceFleet:
             mine = {ids[i]: passwords[ids[i]] for i in indices if passwords and ids[i] in passwords}
             proc = ctx.Process(
                 target=_worker,
-                args=(host, port, sim, indices, ready, self._stop, prefix, mine),
+                args=(host, port, sim, data, indices, ready, self._stop, prefix, mine),
                 name=f"sim-devices-{w}",
                 daemon=True,
             )
@@ -149,6 +152,7 @@ def simulate_mqtt(
     ``logins``: the accounts to use on an authenticated ``broker_url``; the throw-away broker
     started when ``broker_url`` is None is anonymous and needs none.
     """
+    data = fleet_data(sim, sim_data_root(store_dir, run.run_id), hold_out=evaluate_on_test)
     broker: MosquittoBroker | None = None
     if broker_url is None:
         broker = MosquittoBroker(state_dir=Path(tempfile.mkdtemp(prefix="sparsefleet-sim-")))
@@ -157,7 +161,7 @@ def simulate_mqtt(
     else:
         address = parse_broker_url(broker_url)
         host, port = address.host, address.port
-    fleet = DeviceFleet(host, port, sim, passwords=None if logins is None else logins.devices)
+    fleet = DeviceFleet(host, port, sim, data, passwords=None if logins is None else logins.devices)
     store = Store(store_dir)
     try:
         fleet.wait_ready()
@@ -173,7 +177,9 @@ def simulate_mqtt(
             run,
             transport,
             store,
-            evaluator=make_evaluator(sim.dataset, sim.data_dir) if evaluate_on_test else None,
+            evaluator=make_evaluator(sim.dataset, sim.data_dir, sim.data_options)
+            if evaluate_on_test
+            else None,
             partition_for=partition_lookup(sim.devices),
             on_progress=on_progress,
         )

@@ -185,9 +185,67 @@ def _create_v2(conn: sqlite3.Connection) -> None:
         conn.execute(statement)
 
 
+# Version 3: model deployments (fleet.state.deployments, docs/deployment.md). ``deployments``
+# holds one row per deployment or rollback (its notice's sequence orders them; the artefact's
+# bytes are the tensor file named by ``artefact_sha256``), ``deployment_devices`` each
+# addressed device's state in it, ``device_models`` what each device last reported serving.
+_SCHEMA_V3 = """
+CREATE TABLE deployments (
+    deployment_id   TEXT PRIMARY KEY CHECK (length(deployment_id) > 0),
+    sequence        INTEGER NOT NULL UNIQUE CHECK (sequence > 0),
+    kind            TEXT NOT NULL CHECK (kind IN ('deploy', 'rollback')),
+    version         TEXT NOT NULL CHECK (length(version) > 0),
+    artefact_sha256 TEXT NOT NULL CHECK (length(artefact_sha256) = 64),
+    artefact_bytes  INTEGER NOT NULL CHECK (artefact_bytes >= 0),
+    manifest        TEXT NOT NULL CHECK (json_valid(manifest)),
+    target          TEXT NOT NULL,
+    all_devices     INTEGER NOT NULL DEFAULT 0 CHECK (all_devices IN (0, 1)),
+    canary_percent  REAL NOT NULL DEFAULT 0 CHECK (canary_percent >= 0 AND canary_percent <= 100),
+    status          TEXT NOT NULL
+                    CHECK (status IN ('canary', 'rolling_out', 'completed', 'stopped', 'failed')),
+    reason          TEXT NOT NULL DEFAULT '',
+    created_at      REAL NOT NULL,
+    updated_at      REAL NOT NULL
+) STRICT;
+
+CREATE TABLE deployment_devices (
+    deployment_id TEXT NOT NULL REFERENCES deployments (deployment_id),
+    device_id     TEXT NOT NULL CHECK (length(device_id) > 0),
+    role          TEXT NOT NULL CHECK (role IN ('canary', 'target')),
+    state         TEXT NOT NULL
+                  CHECK (state IN ('pending', 'downloading', 'verified', 'active', 'failed')),
+    reason        TEXT NOT NULL DEFAULT '',
+    metrics       TEXT NOT NULL DEFAULT '{}' CHECK (json_valid(metrics)),
+    reported_at   REAL,
+    updated_at    REAL NOT NULL,
+    PRIMARY KEY (deployment_id, device_id)
+) STRICT, WITHOUT ROWID;
+
+CREATE INDEX deployment_devices_by_device ON deployment_devices (device_id);
+
+CREATE TABLE device_models (
+    device_id        TEXT PRIMARY KEY CHECK (length(device_id) > 0),
+    version          TEXT NOT NULL,
+    artefact_sha256  TEXT NOT NULL DEFAULT '',
+    deployment_id    TEXT NOT NULL DEFAULT '',
+    since            REAL NOT NULL,
+    inferences       INTEGER NOT NULL DEFAULT 0 CHECK (inferences >= 0),
+    errors           INTEGER NOT NULL DEFAULT 0 CHECK (errors >= 0),
+    previous_version TEXT NOT NULL DEFAULT '',
+    reported_at      REAL NOT NULL
+) STRICT;
+"""
+
+
+def _create_v3(conn: sqlite3.Connection) -> None:
+    for statement in _split_sql(_SCHEMA_V3):
+        conn.execute(statement)
+
+
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(1, "initial schema", _create_v1),
     Migration(2, "chunks of updates reassembled through the store", _create_v2),
+    Migration(3, "model deployments", _create_v3),
 )
 SCHEMA_VERSION = MIGRATIONS[-1].version
 

@@ -50,6 +50,7 @@ from device.errors import NotFoundError
 from fleet.state.checkpoints import CheckpointRepository, decode_checkpoint, encode_checkpoint
 from fleet.state.chunks import ChunkRepository
 from fleet.state.db import Database
+from fleet.state.deployments import DeploymentRepository
 from fleet.state.devices import DeviceRepository
 from fleet.state.records import (
     Checkpoint,
@@ -137,6 +138,9 @@ class Store:
         self._rejections = RejectionRepository(self._db, clock)
         self._chunks = ChunkRepository(self._db, clock)
         self._checkpoints = CheckpointRepository(self._db, self._files, self._runs, clock)
+        #: Model deployments (``fleet.state.deployments``): used directly, its docstrings are
+        #: the contract; artefact bytes are tensor files (``write_blob``/``read_blob``).
+        self.deployments = DeploymentRepository(self._db, clock)
 
     # -- life cycle and schema ----------------------------------------------------------------
 

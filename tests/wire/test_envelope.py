@@ -108,6 +108,14 @@ BODIES: dict[str, m.Body] = {
     ),
     "chunk": m.Chunk(sha256=b"\x04" * 32, index=2, data=b"\x00\xff" * 100),
     "error": m.ErrorInfo(code=m.ErrorCode.WRONG_VERSION, reason="model 3 is gone"),
+    # Deployment and inference (device.wire.deploy_messages; the protocol: tests/deploy/).
+    "deploy_notice": m.DeployNotice(
+        sequence=3, version="r30", artefact_sha256=b"\x05" * 32, artefact_bytes=9, devices=("a",)
+    ),
+    "deploy_artefact": m.DeployArtefact(data=b"PK\x03\x04"),
+    "deploy_event": m.DeployEvent(state=m.DeployState.ACTIVE, version="r30", metrics={"x": 1.0}),
+    "inference_request": m.InferenceRequest(inputs=np.ones((2, 1, 8, 8), dtype=np.float32)),
+    "inference_reply": m.InferenceReply(logits=np.zeros((2, 10), dtype=np.float32), version="v"),
 }
 
 

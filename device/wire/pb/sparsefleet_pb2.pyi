@@ -55,6 +55,14 @@ class ErrorCode(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     ERROR_CODE_NO_DATA: _ClassVar[ErrorCode]
     ERROR_CODE_INTERNAL: _ClassVar[ErrorCode]
     ERROR_CODE_BUSY: _ClassVar[ErrorCode]
+
+class DeployState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    DEPLOY_STATE_UNSPECIFIED: _ClassVar[DeployState]
+    DEPLOY_STATE_DOWNLOADING: _ClassVar[DeployState]
+    DEPLOY_STATE_VERIFIED: _ClassVar[DeployState]
+    DEPLOY_STATE_ACTIVE: _ClassVar[DeployState]
+    DEPLOY_STATE_FAILED: _ClassVar[DeployState]
 VALUE_DTYPE_UNSPECIFIED: ValueDType
 VALUE_DTYPE_FP32: ValueDType
 VALUE_DTYPE_FP16: ValueDType
@@ -86,6 +94,11 @@ ERROR_CODE_WRONG_VERSION: ErrorCode
 ERROR_CODE_NO_DATA: ErrorCode
 ERROR_CODE_INTERNAL: ErrorCode
 ERROR_CODE_BUSY: ErrorCode
+DEPLOY_STATE_UNSPECIFIED: DeployState
+DEPLOY_STATE_DOWNLOADING: DeployState
+DEPLOY_STATE_VERIFIED: DeployState
+DEPLOY_STATE_ACTIVE: DeployState
+DEPLOY_STATE_FAILED: DeployState
 
 class PositionSet(_message.Message):
     __slots__ = ("coding", "data", "rice_k", "count")
@@ -136,20 +149,46 @@ class NamedTensor(_message.Message):
     def __init__(self, name: _Optional[str] = ..., tensor: _Optional[_Union[SparseTensor, _Mapping]] = ...) -> None: ...
 
 class ModelSnapshot(_message.Message):
-    __slots__ = ("model_name", "version", "digest", "mask_version", "tensors", "pruned")
+    __slots__ = ("model_name", "version", "digest", "mask_version", "tensors", "pruned", "model_ref", "architecture_digest")
     MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     DIGEST_FIELD_NUMBER: _ClassVar[int]
     MASK_VERSION_FIELD_NUMBER: _ClassVar[int]
     TENSORS_FIELD_NUMBER: _ClassVar[int]
     PRUNED_FIELD_NUMBER: _ClassVar[int]
+    MODEL_REF_FIELD_NUMBER: _ClassVar[int]
+    ARCHITECTURE_DIGEST_FIELD_NUMBER: _ClassVar[int]
     model_name: str
     version: int
     digest: bytes
     mask_version: int
     tensors: _containers.RepeatedCompositeFieldContainer[NamedTensor]
     pruned: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, model_name: _Optional[str] = ..., version: _Optional[int] = ..., digest: _Optional[bytes] = ..., mask_version: _Optional[int] = ..., tensors: _Optional[_Iterable[_Union[NamedTensor, _Mapping]]] = ..., pruned: _Optional[_Iterable[str]] = ...) -> None: ...
+    model_ref: ModelRef
+    architecture_digest: bytes
+    def __init__(self, model_name: _Optional[str] = ..., version: _Optional[int] = ..., digest: _Optional[bytes] = ..., mask_version: _Optional[int] = ..., tensors: _Optional[_Iterable[_Union[NamedTensor, _Mapping]]] = ..., pruned: _Optional[_Iterable[str]] = ..., model_ref: _Optional[_Union[ModelRef, _Mapping]] = ..., architecture_digest: _Optional[bytes] = ...) -> None: ...
+
+class ModelRef(_message.Message):
+    __slots__ = ("name", "factory", "kwargs_json", "input_shape", "num_classes")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    FACTORY_FIELD_NUMBER: _ClassVar[int]
+    KWARGS_JSON_FIELD_NUMBER: _ClassVar[int]
+    INPUT_SHAPE_FIELD_NUMBER: _ClassVar[int]
+    NUM_CLASSES_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    factory: str
+    kwargs_json: str
+    input_shape: _containers.RepeatedScalarFieldContainer[int]
+    num_classes: int
+    def __init__(self, name: _Optional[str] = ..., factory: _Optional[str] = ..., kwargs_json: _Optional[str] = ..., input_shape: _Optional[_Iterable[int]] = ..., num_classes: _Optional[int] = ...) -> None: ...
+
+class ModelOffer(_message.Message):
+    __slots__ = ("model", "architecture_digest")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    ARCHITECTURE_DIGEST_FIELD_NUMBER: _ClassVar[int]
+    model: ModelRef
+    architecture_digest: bytes
+    def __init__(self, model: _Optional[_Union[ModelRef, _Mapping]] = ..., architecture_digest: _Optional[bytes] = ...) -> None: ...
 
 class LocalTraining(_message.Message):
     __slots__ = ("epochs", "batch_size", "lr", "momentum", "weight_decay", "prox_mu", "max_steps")
@@ -350,7 +389,7 @@ class Hardware(_message.Message):
     def __init__(self, machine: _Optional[str] = ..., cpu_count: _Optional[int] = ..., memory_bytes: _Optional[int] = ..., python_version: _Optional[str] = ..., torch_version: _Optional[str] = ...) -> None: ...
 
 class DeviceStatus(_message.Message):
-    __slots__ = ("online", "session_epoch", "agent_version", "hardware", "dataset_size", "profile", "tags", "timestamp_unix_s")
+    __slots__ = ("online", "session_epoch", "agent_version", "hardware", "dataset_size", "profile", "tags", "timestamp_unix_s", "models", "eval_examples", "deployed")
     ONLINE_FIELD_NUMBER: _ClassVar[int]
     SESSION_EPOCH_FIELD_NUMBER: _ClassVar[int]
     AGENT_VERSION_FIELD_NUMBER: _ClassVar[int]
@@ -359,6 +398,9 @@ class DeviceStatus(_message.Message):
     PROFILE_FIELD_NUMBER: _ClassVar[int]
     TAGS_FIELD_NUMBER: _ClassVar[int]
     TIMESTAMP_UNIX_S_FIELD_NUMBER: _ClassVar[int]
+    MODELS_FIELD_NUMBER: _ClassVar[int]
+    EVAL_EXAMPLES_FIELD_NUMBER: _ClassVar[int]
+    DEPLOYED_FIELD_NUMBER: _ClassVar[int]
     online: bool
     session_epoch: int
     agent_version: str
@@ -367,7 +409,10 @@ class DeviceStatus(_message.Message):
     profile: DeviceProfile
     tags: _containers.RepeatedScalarFieldContainer[str]
     timestamp_unix_s: float
-    def __init__(self, online: _Optional[bool] = ..., session_epoch: _Optional[int] = ..., agent_version: _Optional[str] = ..., hardware: _Optional[_Union[Hardware, _Mapping]] = ..., dataset_size: _Optional[int] = ..., profile: _Optional[_Union[DeviceProfile, _Mapping]] = ..., tags: _Optional[_Iterable[str]] = ..., timestamp_unix_s: _Optional[float] = ...) -> None: ...
+    models: _containers.RepeatedCompositeFieldContainer[ModelOffer]
+    eval_examples: int
+    deployed: DeployedModel
+    def __init__(self, online: _Optional[bool] = ..., session_epoch: _Optional[int] = ..., agent_version: _Optional[str] = ..., hardware: _Optional[_Union[Hardware, _Mapping]] = ..., dataset_size: _Optional[int] = ..., profile: _Optional[_Union[DeviceProfile, _Mapping]] = ..., tags: _Optional[_Iterable[str]] = ..., timestamp_unix_s: _Optional[float] = ..., models: _Optional[_Iterable[_Union[ModelOffer, _Mapping]]] = ..., eval_examples: _Optional[int] = ..., deployed: _Optional[_Union[DeployedModel, _Mapping]] = ...) -> None: ...
 
 class JobEvent(_message.Message):
     __slots__ = ("state", "reason", "timestamp_unix_s", "metrics")
@@ -435,7 +480,7 @@ class Error(_message.Message):
     def __init__(self, code: _Optional[_Union[ErrorCode, str]] = ..., reason: _Optional[str] = ...) -> None: ...
 
 class Envelope(_message.Message):
-    __slots__ = ("schema_version", "run_id", "round", "device_id", "correlation_id", "round_command", "initial_prune_command", "profile_command", "evaluate_command", "cancel_command", "model", "update", "initial_prune_result", "status", "event", "fleet_status", "chunk_manifest", "chunk", "error")
+    __slots__ = ("schema_version", "run_id", "round", "device_id", "correlation_id", "round_command", "initial_prune_command", "profile_command", "evaluate_command", "cancel_command", "model", "update", "initial_prune_result", "status", "event", "fleet_status", "chunk_manifest", "chunk", "error", "deploy_notice", "deploy_artefact", "deploy_event", "inference_request", "inference_reply")
     SCHEMA_VERSION_FIELD_NUMBER: _ClassVar[int]
     RUN_ID_FIELD_NUMBER: _ClassVar[int]
     ROUND_FIELD_NUMBER: _ClassVar[int]
@@ -455,6 +500,11 @@ class Envelope(_message.Message):
     CHUNK_MANIFEST_FIELD_NUMBER: _ClassVar[int]
     CHUNK_FIELD_NUMBER: _ClassVar[int]
     ERROR_FIELD_NUMBER: _ClassVar[int]
+    DEPLOY_NOTICE_FIELD_NUMBER: _ClassVar[int]
+    DEPLOY_ARTEFACT_FIELD_NUMBER: _ClassVar[int]
+    DEPLOY_EVENT_FIELD_NUMBER: _ClassVar[int]
+    INFERENCE_REQUEST_FIELD_NUMBER: _ClassVar[int]
+    INFERENCE_REPLY_FIELD_NUMBER: _ClassVar[int]
     schema_version: int
     run_id: str
     round: int
@@ -474,4 +524,96 @@ class Envelope(_message.Message):
     chunk_manifest: ChunkManifest
     chunk: Chunk
     error: Error
-    def __init__(self, schema_version: _Optional[int] = ..., run_id: _Optional[str] = ..., round: _Optional[int] = ..., device_id: _Optional[str] = ..., correlation_id: _Optional[str] = ..., round_command: _Optional[_Union[RoundCommand, _Mapping]] = ..., initial_prune_command: _Optional[_Union[InitialPruneCommand, _Mapping]] = ..., profile_command: _Optional[_Union[ProfileCommand, _Mapping]] = ..., evaluate_command: _Optional[_Union[EvaluateCommand, _Mapping]] = ..., cancel_command: _Optional[_Union[CancelCommand, _Mapping]] = ..., model: _Optional[_Union[ModelSnapshot, _Mapping]] = ..., update: _Optional[_Union[DeviceUpdate, _Mapping]] = ..., initial_prune_result: _Optional[_Union[InitialPruneResult, _Mapping]] = ..., status: _Optional[_Union[DeviceStatus, _Mapping]] = ..., event: _Optional[_Union[JobEvent, _Mapping]] = ..., fleet_status: _Optional[_Union[FleetStatus, _Mapping]] = ..., chunk_manifest: _Optional[_Union[ChunkManifest, _Mapping]] = ..., chunk: _Optional[_Union[Chunk, _Mapping]] = ..., error: _Optional[_Union[Error, _Mapping]] = ...) -> None: ...
+    deploy_notice: DeployNotice
+    deploy_artefact: DeployArtefact
+    deploy_event: DeployEvent
+    inference_request: InferenceRequest
+    inference_reply: InferenceReply
+    def __init__(self, schema_version: _Optional[int] = ..., run_id: _Optional[str] = ..., round: _Optional[int] = ..., device_id: _Optional[str] = ..., correlation_id: _Optional[str] = ..., round_command: _Optional[_Union[RoundCommand, _Mapping]] = ..., initial_prune_command: _Optional[_Union[InitialPruneCommand, _Mapping]] = ..., profile_command: _Optional[_Union[ProfileCommand, _Mapping]] = ..., evaluate_command: _Optional[_Union[EvaluateCommand, _Mapping]] = ..., cancel_command: _Optional[_Union[CancelCommand, _Mapping]] = ..., model: _Optional[_Union[ModelSnapshot, _Mapping]] = ..., update: _Optional[_Union[DeviceUpdate, _Mapping]] = ..., initial_prune_result: _Optional[_Union[InitialPruneResult, _Mapping]] = ..., status: _Optional[_Union[DeviceStatus, _Mapping]] = ..., event: _Optional[_Union[JobEvent, _Mapping]] = ..., fleet_status: _Optional[_Union[FleetStatus, _Mapping]] = ..., chunk_manifest: _Optional[_Union[ChunkManifest, _Mapping]] = ..., chunk: _Optional[_Union[Chunk, _Mapping]] = ..., error: _Optional[_Union[Error, _Mapping]] = ..., deploy_notice: _Optional[_Union[DeployNotice, _Mapping]] = ..., deploy_artefact: _Optional[_Union[DeployArtefact, _Mapping]] = ..., deploy_event: _Optional[_Union[DeployEvent, _Mapping]] = ..., inference_request: _Optional[_Union[InferenceRequest, _Mapping]] = ..., inference_reply: _Optional[_Union[InferenceReply, _Mapping]] = ...) -> None: ...
+
+class DeployedModel(_message.Message):
+    __slots__ = ("version", "artefact_sha256", "deployment_id", "since_unix_s", "inferences", "errors", "previous_version", "last_deployment_id", "last_state", "last_reason", "last_event_unix_s")
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    ARTEFACT_SHA256_FIELD_NUMBER: _ClassVar[int]
+    DEPLOYMENT_ID_FIELD_NUMBER: _ClassVar[int]
+    SINCE_UNIX_S_FIELD_NUMBER: _ClassVar[int]
+    INFERENCES_FIELD_NUMBER: _ClassVar[int]
+    ERRORS_FIELD_NUMBER: _ClassVar[int]
+    PREVIOUS_VERSION_FIELD_NUMBER: _ClassVar[int]
+    LAST_DEPLOYMENT_ID_FIELD_NUMBER: _ClassVar[int]
+    LAST_STATE_FIELD_NUMBER: _ClassVar[int]
+    LAST_REASON_FIELD_NUMBER: _ClassVar[int]
+    LAST_EVENT_UNIX_S_FIELD_NUMBER: _ClassVar[int]
+    version: str
+    artefact_sha256: bytes
+    deployment_id: str
+    since_unix_s: float
+    inferences: int
+    errors: int
+    previous_version: str
+    last_deployment_id: str
+    last_state: DeployState
+    last_reason: str
+    last_event_unix_s: float
+    def __init__(self, version: _Optional[str] = ..., artefact_sha256: _Optional[bytes] = ..., deployment_id: _Optional[str] = ..., since_unix_s: _Optional[float] = ..., inferences: _Optional[int] = ..., errors: _Optional[int] = ..., previous_version: _Optional[str] = ..., last_deployment_id: _Optional[str] = ..., last_state: _Optional[_Union[DeployState, str]] = ..., last_reason: _Optional[str] = ..., last_event_unix_s: _Optional[float] = ...) -> None: ...
+
+class DeployNotice(_message.Message):
+    __slots__ = ("sequence", "version", "artefact_sha256", "artefact_bytes", "devices", "all_devices", "created_unix_s")
+    SEQUENCE_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    ARTEFACT_SHA256_FIELD_NUMBER: _ClassVar[int]
+    ARTEFACT_BYTES_FIELD_NUMBER: _ClassVar[int]
+    DEVICES_FIELD_NUMBER: _ClassVar[int]
+    ALL_DEVICES_FIELD_NUMBER: _ClassVar[int]
+    CREATED_UNIX_S_FIELD_NUMBER: _ClassVar[int]
+    sequence: int
+    version: str
+    artefact_sha256: bytes
+    artefact_bytes: int
+    devices: _containers.RepeatedScalarFieldContainer[str]
+    all_devices: bool
+    created_unix_s: float
+    def __init__(self, sequence: _Optional[int] = ..., version: _Optional[str] = ..., artefact_sha256: _Optional[bytes] = ..., artefact_bytes: _Optional[int] = ..., devices: _Optional[_Iterable[str]] = ..., all_devices: _Optional[bool] = ..., created_unix_s: _Optional[float] = ...) -> None: ...
+
+class DeployArtefact(_message.Message):
+    __slots__ = ("data",)
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    data: bytes
+    def __init__(self, data: _Optional[bytes] = ...) -> None: ...
+
+class DeployEvent(_message.Message):
+    __slots__ = ("state", "version", "reason", "timestamp_unix_s", "metrics")
+    class MetricsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: float
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    TIMESTAMP_UNIX_S_FIELD_NUMBER: _ClassVar[int]
+    METRICS_FIELD_NUMBER: _ClassVar[int]
+    state: DeployState
+    version: str
+    reason: str
+    timestamp_unix_s: float
+    metrics: _containers.ScalarMap[str, float]
+    def __init__(self, state: _Optional[_Union[DeployState, str]] = ..., version: _Optional[str] = ..., reason: _Optional[str] = ..., timestamp_unix_s: _Optional[float] = ..., metrics: _Optional[_Mapping[str, float]] = ...) -> None: ...
+
+class InferenceRequest(_message.Message):
+    __slots__ = ("inputs",)
+    INPUTS_FIELD_NUMBER: _ClassVar[int]
+    inputs: SparseTensor
+    def __init__(self, inputs: _Optional[_Union[SparseTensor, _Mapping]] = ...) -> None: ...
+
+class InferenceReply(_message.Message):
+    __slots__ = ("logits", "version", "error")
+    LOGITS_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    logits: SparseTensor
+    version: str
+    error: str
+    def __init__(self, logits: _Optional[_Union[SparseTensor, _Mapping]] = ..., version: _Optional[str] = ..., error: _Optional[str] = ...) -> None: ...
