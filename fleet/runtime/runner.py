@@ -354,6 +354,7 @@ class Runner:
         late = taken if spec.late_policy == "next" else []
         handover: dict[str, float] = {}
         if len(received) >= spec.min_updates:
+            aggregation_start = time.perf_counter()
             results.extend(result for _, result in late)
             counted.extend(key for key, _ in late)
             if self.coordinator is not None:
@@ -371,6 +372,9 @@ class Runner:
                 new_model = self.strategy.aggregate(round_, model, results)
             changed = masks_differ(model.masks, new_model.masks)
             self.current.set(new_model, mask_changed=changed)
+            # Wall seconds of aggregation (the coordinator's handover included), for the
+            # dashboard and /metrics.
+            metrics["aggregate_s"] = time.perf_counter() - aggregation_start
         else:
             log.warning(
                 "round %d closed with %d updates (< %d): model unchanged",

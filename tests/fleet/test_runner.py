@@ -284,3 +284,13 @@ def test_silent_devices_close_the_round_by_deadline(tmp_path: Path) -> None:
     reports = simulate(run, sim, tmp_path)
     assert all(r.closed_by == "deadline" for r in reports)
     assert all(0 < len(r.received) < 8 for r in reports)
+
+
+def test_each_aggregated_round_records_its_aggregation_time(tmp_path: Path) -> None:
+    """``aggregate_s`` (wall seconds of aggregation) is what the dashboard and /metrics show
+    as the aggregation time; a round that aggregated must carry it."""
+    simulate(spec("fedavg", rounds=2), SIM, tmp_path)
+    with Store(tmp_path, create=False) as store:
+        times = [r.metrics.get("aggregate_s") for r in store.rounds("t")]
+    assert len(times) == 2
+    assert all(isinstance(t, float) and 0.0 <= t < 60.0 for t in times), times
