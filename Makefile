@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 PYTEST_ARGS ?=
 
-.PHONY: help system-deps venv install lint typecheck test test-all test-slow test-ansible wheel proto demo bench clean
+.PHONY: help system-deps venv install lint typecheck test test-all test-slow test-ansible wheel proto demo bench arm64-check clean
 
 help:
 	@echo "make demo       set up, then run the demo federated run (local broker, simulated devices)"
@@ -18,6 +18,7 @@ help:
 	@echo "make lint       ruff and mypy on device/ and fleet/"
 	@echo "make proto      regenerate device/wire/pb from proto/"
 	@echo "make bench      run the benchmarks in bench/ (figures, not tests)"
+	@echo "make arm64-check  the device side on arm64 under qemu-user: install, import, unit tests, one real job"
 
 # System packages the tests use: a real mosquitto broker and its clients, and protoc for the
 # independent wire-format check. Needs root (as on CI); skipped when everything is present.
@@ -68,6 +69,12 @@ demo: system-deps install
 
 bench: install
 	$(PY) bench/codec.py
+
+# Not part of `make test`: needs qemu-user-static, debootstrap and mosquitto (apt), root for
+# debootstrap, and access to the package sources on the first run (cached afterwards in
+# $SPARSEFLEET_ARM64_CACHE, default ~/.cache/sparsefleet-arm64). See docs/hardware.md.
+arm64-check: install
+	$(PY) -m bench.arm64.check
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info .pytest_cache .mypy_cache .ruff_cache
