@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 PYTEST_ARGS ?=
 
-.PHONY: help system-deps venv install lint typecheck test test-all test-slow test-ansible wheel proto demo bench arm64-check clean
+.PHONY: help system-deps venv install lint typecheck test test-all test-slow test-ansible wheel proto demo bench docs-screenshot arm64-check clean
 
 help:
 	@echo "make demo       set up, then run the demo federated run (local broker, simulated devices)"
@@ -18,6 +18,7 @@ help:
 	@echo "make lint       ruff and mypy on device/ and fleet/"
 	@echo "make proto      regenerate device/wire/pb from proto/"
 	@echo "make bench      run the benchmarks in bench/ (figures, not tests)"
+	@echo "make docs-screenshot  retake docs/dashboard.png with the browser test (chromium, mosquitto)"
 	@echo "make arm64-check  the device side on arm64 under qemu-user: install, import, unit tests, one real job"
 
 # System packages the tests use: a real mosquitto broker and its clients, and protoc for the
@@ -69,6 +70,10 @@ demo: system-deps install
 
 bench: install
 	$(PY) bench/codec.py
+
+# docs/dashboard.png is the run page as the browser test (headless Chromium) sees it.
+docs-screenshot: system-deps install
+	SPARSEFLEET_SCREENSHOT_DIR=docs $(VENV)/bin/pytest -q -m slow tests/web/test_browser.py $(PYTEST_ARGS)
 
 # Not part of `make test`: needs qemu-user-static, debootstrap and mosquitto (apt), root for
 # debootstrap, and access to the package sources on the first run (cached afterwards in

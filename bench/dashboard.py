@@ -3,7 +3,11 @@
 Part 1 (a store of ``--devices`` devices, a finished run of ``--rounds`` rounds with
 ``--per-round`` devices each, late and rejected updates, and a running run with an open round;
 written through the public Store API as a runner writes it). The dashboard runs as its own
-process (``fleet dashboard`` would), and this script measures:
+process (``fleet dashboard`` would); with ``--baseline-src DIR`` (a source tree of another
+version, e.g. ``git archive COMMIT fleet device | tar -x -C DIR``) a second dashboard process
+runs that version over the same store, and every figure is measured on both, alternating request
+by request and page load by page load (the order flipping each time), so both see the same load
+of a shared machine. This script measures:
 
 - fleet page data: ``GET /api/devices`` (every device, as the fleet page asks for it), timed by
   an HTTP client here and by the browser's resource timing inside the page;
@@ -12,6 +16,8 @@ process (``fleet dashboard`` would), and this script measures:
 - ``/metrics`` scrape: HTTP round trip, and the collector alone in this process;
 - live update latency: a round closed in the store (commit time here) until the open run page
   has redrawn its "closed" counter (the page's clock; same machine).
+- the HTTP floor: ``GET /healthz`` (no store read), alternating with the others: what the
+  machine's load alone does to a request's time.
 
 Part 2 (``--pairs`` groups, each one trial per mode back to back, the order rotating): the same
 simulated run over a throw-away mosquitto (``--sim-devices`` devices, half of them per round,
@@ -24,7 +30,9 @@ simulated run over a throw-away mosquitto (``--sim-devices`` devices, half of th
   a small client process;
 - ``browser``: with the dashboard and headless Chromium on this same machine, the fleet page
   and the run page open, and the scrape every second: the worst case, a browser competing with
-  the run for the cores.
+  the run for the cores;
+- ``browser-baseline`` (with ``--baseline-src``): as ``browser``, with the baseline's dashboard
+  (its server, and the scripts and styles its pages load).
 
 The machine is shared, so each watched trial is compared with the ``alone`` trial of its own
 group; the figure is the median of those ratios, for the whole ``simulate`` call and for the
@@ -33,6 +41,7 @@ device processes). Also reported: the CPU time the dashboard and the watcher use
 run, as a share of the run's own CPU time (the run's processes and the simulated devices).
 
     python bench/dashboard.py --json /tmp/dashboard.json
+    python bench/dashboard.py --baseline-src /tmp/sf-base --json /tmp/dashboard.json
 """
 
 from __future__ import annotations
@@ -85,15 +94,40 @@ def serve(state_dir: Path) -> None:
     server.run()
 
 
+SERVE_OTHER = """
+import sys
+from pathlib import Path
+import fleet
+from fleet.web import DashboardServer, DashboardSettings
+src = Path(sys.argv[2]).resolve()
+if not Path(fleet.__file__).resolve().is_relative_to(src):
+    raise SystemExit(f"the baseline imported fleet from {fleet.__file__}, not from {src}")
+server = DashboardServer(DashboardSettings(Path(sys.argv[1])), host="127.0.0.1", port=0)
+print(server.url, flush=True)
+server.run()
+"""
+"""``serve`` for a dashboard of another source tree (``--baseline-src``): argv state_dir, src."""
+
+
 class DashboardProcess:
-    def __init__(self, state_dir: Path) -> None:
+    """The dashboard in its own process; ``src``: another version's source tree (None: this)."""
+
+    def __init__(self, state_dir: Path, src: Path | None = None) -> None:
+        if src is None:
+            command = [sys.executable, __file__, "--serve", str(state_dir)]
+        else:
+            command = [sys.executable, "-c", SERVE_OTHER, str(state_dir), str(src)]
         self.proc = subprocess.Popen(
-            [sys.executable, __file__, "--serve", str(state_dir)],
+            command,
             stdout=subprocess.PIPE,
             text=True,
+            cwd=src,
+            env=None if src is None else {**os.environ, "PYTHONPATH": str(src)},
         )
         assert self.proc.stdout is not None
         self.url = self.proc.stdout.readline().strip()
+        if not self.url:
+            raise RuntimeError(f"the dashboard process did not start: {command[:3]}")
         deadline = time.monotonic() + 30
         while True:
             try:
@@ -179,6 +213,38 @@ def close_and_open(root: Path, round_: int) -> float:
     return closed
 
 
+def _alternate(names: list[str], i: int) -> list[str]:
+    """``names`` in the order of turn ``i`` (flipping), so neither side always goes first."""
+    return names if i % 2 == 0 else names[::-1]
+
+
+def _page_load(browser: Any, url: str) -> tuple[float, float, int]:
+    """One fleet page load: (interactive s, in-page ``/api/devices`` fetch s, rows drawn)."""
+    page = browser.new_page()
+    try:
+        page.goto(f"{url}/fleet")
+        page.wait_for_selector("body[data-ready='1']", timeout=30_000)
+        ready = page.evaluate("window.SFDashboard.readyAt") / 1000
+        fetch = (
+            page.evaluate(
+                "performance.getEntriesByType('resource')"
+                ".filter(e => e.name.includes('/api/devices'))[0].duration"
+            )
+            / 1000
+        )
+        return ready, fetch, page.locator("#fleet-table tbody tr").count()
+    finally:
+        page.close()
+
+
+WATCH_CLOSED = (
+    "window.__changed = null; new MutationObserver(() => {"
+    " window.__changed = window.__changed || Date.now(); })"
+    ".observe(document.querySelector('#rounds-closed'),"
+    " {childList: true, characterData: true, subtree: true})"
+)
+
+
 def part1(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     from playwright.sync_api import sync_playwright
 
@@ -193,69 +259,100 @@ def part1(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         collector.append(time.perf_counter() - start)
     out["collector"] = ms(collector)
     reader.close()
-    server = DashboardProcess(root)
+    servers = {"ours": DashboardProcess(root)}
+    if args.baseline_src is not None:
+        servers["baseline"] = DashboardProcess(root, args.baseline_src.resolve())
+        out["baseline_src"] = str(args.baseline_src)
+    names = list(servers)
     try:
-        get(f"{server.url}/api/devices")  # the first request opens the store and fills caches
-        timings = [get(f"{server.url}/api/devices") for _ in range(args.repeat)]
-        out["fleet_api"] = ms([t for t, _ in timings])
-        out["fleet_api"]["bytes"] = len(timings[0][1])
-        out["metrics_http"] = ms([get(f"{server.url}/metrics")[0] for _ in range(args.repeat)])
+        times: dict[str, dict[str, list[float]]] = {
+            path: {name: [] for name in names} for path in ("/api/devices", "/metrics", "/healthz")
+        }
+        for name in names:  # the first requests open the store and fill the caches
+            get(f"{servers[name].url}/api/devices")
+            get(f"{servers[name].url}/metrics")
+        size = len(get(f"{servers['ours'].url}/api/devices")[1])
+        for i in range(args.repeat):
+            for path in times:
+                for name in _alternate(names, i):
+                    times[path][name].append(get(f"{servers[name].url}{path}")[0])
+        out["fleet_api"] = {name: ms(times["/api/devices"][name]) for name in names}
+        out["fleet_api"]["bytes"] = size
+        out["metrics_http"] = {name: ms(times["/metrics"][name]) for name in names}
+        out["healthz_http"] = {name: ms(times["/healthz"][name]) for name in names}
         with sync_playwright() as p:
             browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
-            ready, fetch, rows = [], [], 0
-            for _ in range(args.page_repeat):
-                page = browser.new_page()
-                page.goto(f"{server.url}/fleet")
-                page.wait_for_selector("body[data-ready='1']", timeout=30_000)
-                ready.append(page.evaluate("window.SFDashboard.readyAt") / 1000)
-                fetch.append(
-                    page.evaluate(
-                        "performance.getEntriesByType('resource')"
-                        ".filter(e => e.name.includes('/api/devices'))[0].duration"
-                    )
-                    / 1000
-                )
-                rows = page.locator("#fleet-table tbody tr").count()
-                page.close()
-            out["fleet_page_interactive"] = ms(ready)
-            out["fleet_page_fetch_in_browser"] = ms(fetch)
+            ready: dict[str, list[float]] = {name: [] for name in names}
+            fetch: dict[str, list[float]] = {name: [] for name in names}
+            rows: dict[str, int] = {}
+            for name in names:
+                _page_load(browser, servers[name].url)  # the browser's caches, once per server
+            for i in range(args.page_repeat):
+                for name in _alternate(names, i):
+                    t_ready, t_fetch, rows[name] = _page_load(browser, servers[name].url)
+                    ready[name].append(t_ready)
+                    fetch[name].append(t_fetch)
+            out["fleet_page_interactive"] = {name: ms(ready[name]) for name in names}
+            out["fleet_page_fetch_in_browser"] = {name: ms(fetch[name]) for name in names}
             out["fleet_page_rows"] = rows
-            page = browser.new_page()
-            page.goto(f"{server.url}/runs/live")
-            page.wait_for_selector("body[data-ready='1']", timeout=30_000)
-            latency = []
+            pages = {}
+            for name in names:
+                pages[name] = browser.new_page()
+                pages[name].goto(f"{servers[name].url}/runs/live")
+                pages[name].wait_for_selector("body[data-ready='1']", timeout=30_000)
+            latency: dict[str, list[float]] = {name: [] for name in names}
             round_ = 6
             for _ in range(args.page_repeat):
-                page.evaluate(
-                    "window.__changed = null; new MutationObserver(() => {"
-                    " window.__changed = window.__changed || Date.now(); })"
-                    ".observe(document.querySelector('#rounds-closed'),"
-                    " {childList: true, characterData: true, subtree: true})"
-                )
+                for page in pages.values():
+                    page.evaluate(WATCH_CLOSED)
                 closed = close_and_open(root, round_)
-                deadline = time.monotonic() + 10
-                while page.evaluate("window.__changed") is None:
-                    if time.monotonic() > deadline:
-                        raise TimeoutError("the run page did not show the closed round")
-                    time.sleep(0.02)
-                latency.append(page.evaluate("window.__changed") / 1000 - closed)
+                for name, page in pages.items():
+                    deadline = time.monotonic() + 10
+                    while page.evaluate("window.__changed") is None:
+                        if time.monotonic() > deadline:
+                            raise TimeoutError(f"the {name} run page did not show the closed round")
+                        time.sleep(0.02)
+                    latency[name].append(page.evaluate("window.__changed") / 1000 - closed)
                 round_ += 1
                 time.sleep(0.5)
-            out["update_latency"] = ms(latency)
+            out["update_latency"] = {name: ms(latency[name]) for name in names}
             browser.close()
     finally:
-        server.stop()
+        for server in servers.values():
+            server.stop()
     return out
 
 
 # -- part 2 -----------------------------------------------------------------------------------
 
 
+class StopFlag:
+    """Set by a SIGTERM handler. Unlike ``threading.Event`` it takes no lock: the handler runs in
+    the main thread, which may be holding the Event's lock inside ``Event.wait`` at that moment,
+    and would then wait for itself forever (a watcher that never stopped)."""
+
+    def __init__(self) -> None:
+        self._set = False
+
+    def set(self) -> None:
+        self._set = True
+
+    def is_set(self) -> bool:
+        return self._set
+
+    def wait(self, seconds: float) -> bool:
+        """Sleep up to ``seconds`` (in steps of 20 ms); True once set."""
+        deadline = time.monotonic() + seconds
+        while not self._set and time.monotonic() < deadline:
+            time.sleep(min(0.02, max(0.0, deadline - time.monotonic())))
+        return self._set
+
+
 def observe(url: str, run_id: str, stats_file: Path) -> None:
     """``--observe``: what an operator leaves open during a run (see the module doc)."""
     from playwright.sync_api import sync_playwright
 
-    stop = threading.Event()
+    stop = StopFlag()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     scrapes = 0
     with sync_playwright() as p:
@@ -339,7 +436,7 @@ def replay(url: str, run_id: str, stats_file: Path) -> None:
     devices 5 s); ``/metrics`` every second. This is what watching costs the fleet manager's
     machine when the browser runs elsewhere (an operator's laptop).
     """
-    stop = threading.Event()
+    stop = StopFlag()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     counts = {"events": 0, "fetches": 0, "scrapes": 0}
     pending = {"run": threading.Event(), "fleet": threading.Event()}
@@ -384,7 +481,13 @@ def replay(url: str, run_id: str, stats_file: Path) -> None:
 
 MODES = ("alone", "server", "browser")
 """alone: no dashboard; server: the dashboard and the pages' requests replayed (``replay``);
-browser: the dashboard and headless Chromium with the pages open on this machine (``observe``)."""
+browser: the dashboard and headless Chromium with the pages open on this machine (``observe``).
+With ``--baseline-src``, also ``browser-baseline``: the same as browser, the dashboard (its
+server and its pages' scripts and styles) being the baseline's."""
+
+
+def modes(args: argparse.Namespace) -> tuple[str, ...]:
+    return MODES + (("browser-baseline",) if args.baseline_src is not None else ())
 
 
 def trial(work: Path, name: str, mode: str, args: argparse.Namespace) -> dict[str, Any]:
@@ -395,12 +498,14 @@ def trial(work: Path, name: str, mode: str, args: argparse.Namespace) -> dict[st
     watcher: subprocess.Popen[bytes] | None = None
     stats_file = work / f"{name}.stats.json"
     if mode != "alone":
-        server = DashboardProcess(state)
-        flag = "--observe" if mode == "browser" else "--replay"
+        baseline = mode.endswith("-baseline")
+        server = DashboardProcess(state, args.baseline_src.resolve() if baseline else None)
+        browser = mode.startswith("browser")
+        flag = "--observe" if browser else "--replay"
         watcher = subprocess.Popen(
             [sys.executable, __file__, flag, server.url, name, str(stats_file)]
         )
-        if mode == "browser":
+        if browser:
             ready = stats_file.with_suffix(".ready")
             deadline = time.monotonic() + 120
             while not ready.exists():
@@ -429,8 +534,13 @@ def trial(work: Path, name: str, mode: str, args: argparse.Namespace) -> dict[st
         result: dict[str, Any] = {"mode": mode}
         if watcher is not None:
             watcher.send_signal(signal.SIGTERM)
-            watcher.wait(60)
-            result.update(json.loads(stats_file.read_text()))
+            try:
+                watcher.wait(60)
+            except subprocess.TimeoutExpired:  # a stuck watcher must not outlive the trial
+                watcher.kill()
+                watcher.wait()
+            if stats_file.exists():
+                result.update(json.loads(stats_file.read_text()))
         if server is not None:
             server.stop()
     result.update(wall_s=round(wall, 2), rounds_s=round(span, 2), run_cpu_s=round(run_cpu, 2))
@@ -443,15 +553,16 @@ def trial(work: Path, name: str, mode: str, args: argparse.Namespace) -> dict[st
 def part2(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     """``--pairs`` groups of one trial per mode, back to back, the order rotating per group."""
     groups: list[dict[str, dict[str, Any]]] = []
+    order = modes(args)
     for i in range(args.pairs):
         group: dict[str, dict[str, Any]] = {}
-        for k in range(len(MODES)):
-            mode = MODES[(i + k) % len(MODES)]
+        for k in range(len(order)):
+            mode = order[(i + k) % len(order)]
             group[mode] = trial(work, f"{mode}-{i}", mode, args)
             print(json.dumps({f"{mode}-{i}": group[mode]}), flush=True)
         groups.append(group)
     out: dict[str, Any] = {"groups": groups}
-    for mode in MODES[1:]:
+    for mode in order[1:]:
         figures: dict[str, Any] = {}
         for key in ("wall_s", "rounds_s"):
             # A group ran back to back, so its ratio cancels the load the machine had then.
@@ -476,8 +587,13 @@ def main() -> None:
     parser.add_argument("--devices", type=int, default=1000)
     parser.add_argument("--rounds", type=int, default=40)
     parser.add_argument("--per-round", type=int, default=50)
-    parser.add_argument("--repeat", type=int, default=30, help="HTTP requests per figure")
-    parser.add_argument("--page-repeat", type=int, default=5, help="page loads per figure")
+    parser.add_argument("--repeat", type=int, default=60, help="HTTP requests per figure")
+    parser.add_argument("--page-repeat", type=int, default=40, help="page loads per figure")
+    parser.add_argument(
+        "--baseline-src",
+        type=Path,
+        help="part 1 also on this source tree's dashboard (a directory holding fleet/, device/)",
+    )
     parser.add_argument("--pairs", type=int, default=5, help="groups of simulated runs")
     parser.add_argument("--sim-devices", type=int, default=8)
     parser.add_argument("--sim-rounds", type=int, default=80)

@@ -35,6 +35,7 @@ __all__ = [
     "DeviceInfo",
     "DeviceRegistry",
     "TagSelector",
+    "info_from_record",
     "parse_tag_selector",
     "parse_tags",
     "profile_from_json",
@@ -243,6 +244,12 @@ def _info_from_record(record: DeviceRecord) -> DeviceInfo:
         eval_examples=int(status.get("eval_examples", 0)),
         models=_models_from_json(status.get("models") or ()),
     )
+
+
+def info_from_record(record: DeviceRecord) -> DeviceInfo:
+    """The registry's view of one stored device row (what ``DeviceRegistry.devices`` gives per
+    row), for readers that list the rows themselves and keep the views of unchanged ones."""
+    return _info_from_record(record)
 
 
 def _models_from_json(data: Iterable[Mapping[str, Any]]) -> tuple[ModelOffer, ...]:

@@ -412,6 +412,11 @@ class Store:
         """Every known device, ordered by id."""
         return self._devices.list_devices()
 
+    def device_totals(self) -> dict[str, int]:
+        """``devices``, ``online``, ``cordoned``, ``drained`` and ``updates_accepted`` (summed)
+        over every device, without reading the rows one by one."""
+        return self._devices.totals()
+
     def update_device_status(
         self,
         device_id: str,

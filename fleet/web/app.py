@@ -14,7 +14,11 @@
 
 Unknown runs and devices answer 404 (an HTML page, or ``{"error": ...}`` under ``/api/``),
 malformed query parameters 400, a missing token 401; no error shows a traceback. Store reads run
-in worker threads (plain ``def`` endpoints), so a slow read never stalls the event streams.
+in the dashboard's own pool of ``read_threads`` threads (the endpoints that read are plain
+``def`` functions handed to it), so a slow read never stalls the event streams. The pool's
+threads live as long as the dashboard: each holds one SQLite connection (the store's are per
+thread), so the connections stay few and are closed with it, where a thread pool that retires
+idle threads (anyio's, after 10 s) would leave one open connection behind per retired thread.
 """
 
 from __future__ import annotations
@@ -22,7 +26,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -83,12 +88,18 @@ class DashboardSettings:
     ``token``: None for the read-only loopback dashboard (see ``fleet.web.auth``).
     ``poll_interval_s``: seconds between the change feed's reads of the store.
     ``max_runs``: runs exported to Prometheus (the most recently updated ones).
+    ``read_threads``: threads that read the store (each with its own SQLite connection).
     """
 
     state_dir: Path
     token: str | None = None
     poll_interval_s: float = 0.3
     max_runs: int = 50
+    read_threads: int = 4
+
+    def __post_init__(self) -> None:
+        if self.read_threads < 1:
+            raise ValueError(f"read_threads must be >= 1, got {self.read_threads}")
 
 
 def _wants_json(path: str) -> bool:
@@ -143,8 +154,10 @@ class Dashboard:
         self.settings = settings
         self.reader = reader or FleetReader(settings.state_dir)
         self.auth = TokenAuth(settings.token)
-        self.feed = ChangeFeed(self.reader, interval_s=settings.poll_interval_s)
+        self.pool = ThreadPoolExecutor(settings.read_threads, thread_name_prefix="dashboard-read")
+        self.feed = ChangeFeed(self.reader, interval_s=settings.poll_interval_s, executor=self.pool)
         self.registry = make_registry(self.reader, max_runs=settings.max_runs)
+        self.fleet_table = fleet_view.FleetTable(self.reader)
         self.mode = "signed in" if self.auth.required else "read-only"
         self.app = Starlette(
             routes=self._routes(),
@@ -161,24 +174,36 @@ class Dashboard:
         )
 
     def _routes(self) -> list[Route | Mount]:
+        pooled = self._pooled
         return [
-            Route("/", lambda request: RedirectResponse("/runs", status_code=307)),
-            Route("/runs", self.runs_page),
-            Route("/runs/{run_id}", self.run_page),
-            Route("/fleet", self.fleet_page),
-            Route("/devices/{device_id}", self.device_page),
-            Route("/api/runs", self.api_runs),
-            Route("/api/runs/{run_id}", self.api_run),
-            Route("/api/runs/{run_id}/layers", self.api_layers),
-            Route("/api/devices", self.api_devices),
-            Route("/api/devices/{device_id}", self.api_device),
-            Route("/api/devices/{device_id}/{action}", self.api_action, methods=["POST"]),
+            Route("/", _to_runs),
+            Route("/runs", pooled(self.runs_page)),
+            Route("/runs/{run_id}", pooled(self.run_page)),
+            Route("/fleet", pooled(self.fleet_page)),
+            Route("/devices/{device_id}", pooled(self.device_page)),
+            Route("/api/runs", pooled(self.api_runs)),
+            Route("/api/runs/{run_id}", pooled(self.api_run)),
+            Route("/api/runs/{run_id}/layers", pooled(self.api_layers)),
+            Route("/api/devices", pooled(self.api_devices)),
+            Route("/api/devices/{device_id}", pooled(self.api_device)),
+            Route("/api/devices/{device_id}/{action}", pooled(self.api_action), methods=["POST"]),
             Route("/api/events", self.api_events),
-            Route("/metrics", self.metrics),
-            Route("/healthz", lambda request: PlainTextResponse("ok\n")),
+            Route("/metrics", pooled(self.metrics)),
+            Route("/healthz", _healthz),
             Route("/login", self.login, methods=["GET", "POST"]),
             Mount("/static", StaticFiles(directory=STATIC_DIR), name="static"),
         ]
+
+    def _pooled(
+        self, handler: Callable[[Request], Response]
+    ) -> Callable[[Request], Awaitable[Response]]:
+        """``handler`` (which reads the store) as an endpoint that runs it in the read pool."""
+
+        async def endpoint(request: Request) -> Response:
+            return await asyncio.get_running_loop().run_in_executor(self.pool, handler, request)
+
+        endpoint.__name__ = handler.__name__
+        return endpoint
 
     @contextlib.asynccontextmanager
     async def _lifespan(self, app: Starlette) -> AsyncIterator[None]:
@@ -186,6 +211,7 @@ class Dashboard:
             yield
         finally:
             await self.feed.close()
+            self.pool.shutdown(wait=True, cancel_futures=True)
             self.reader.close()
 
     # -- errors -------------------------------------------------------------------------------
@@ -246,7 +272,7 @@ class Dashboard:
 
     def api_devices(self, request: Request) -> Response:
         query = parse_device_query(_params(request))
-        return JSONResponse(fleet_view.fleet_data(self.reader, query))
+        return Response(self.fleet_table.body(query), media_type="application/json")
 
     def api_device(self, request: Request) -> Response:
         parse_no_params(_params(request))
@@ -314,6 +340,14 @@ class Dashboard:
             COOKIE_NAME, self.auth.session_value(), httponly=True, samesite="strict", path="/"
         )
         return response
+
+
+async def _to_runs(request: Request) -> Response:
+    return RedirectResponse("/runs", status_code=307)
+
+
+async def _healthz(request: Request) -> Response:
+    return PlainTextResponse("ok\n")
 
 
 def _params(request: Request) -> dict[str, list[str]]:

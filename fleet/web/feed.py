@@ -19,7 +19,8 @@ subscriber watches (its marker, so the page moves its counters before it refetch
 with the device counts. A comment line every ``keepalive_s`` keeps proxies from closing an idle
 stream. A slow subscriber's queue keeps only the newest events: each one means "refetch", so
 dropping older ones loses nothing. Reads run in worker threads (short autocommit reads; see
-``fleet.web.reader``), never on the event loop.
+``fleet.web.reader``), never on the event loop: in the dashboard's own read pool when it passes
+one (``executor``), else in the event loop's default executor.
 """
 
 from __future__ import annotations
@@ -28,11 +29,10 @@ import asyncio
 import contextlib
 import json
 from collections.abc import AsyncIterator
+from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
-
-import anyio.to_thread
 
 from fleet.state.store import RunStatus
 from fleet.web.reader import FleetReader
@@ -134,7 +134,8 @@ class ChangeFeed:
 
     Use from the event loop only. ``interval_s``: seconds between polls (> 0);
     ``fleet_every``: read the device rows on every n-th poll; ``keepalive_s``: idle seconds
-    before a comment line is sent.
+    before a comment line is sent; ``executor``: the threads that read the store (None: the
+    event loop's default executor).
     """
 
     def __init__(
@@ -144,6 +145,7 @@ class ChangeFeed:
         interval_s: float = 0.3,
         fleet_every: int = 3,
         keepalive_s: float = 15.0,
+        executor: Executor | None = None,
     ) -> None:
         if interval_s <= 0 or fleet_every < 1 or keepalive_s <= 0:
             raise ValueError(
@@ -154,6 +156,7 @@ class ChangeFeed:
         self.interval_s = interval_s
         self.fleet_every = fleet_every
         self.keepalive_s = keepalive_s
+        self.executor = executor
         self.polls = 0  # completed polls, for tests and the benchmark
         self._subscribers: set[Subscriber] = set()
         self._task: asyncio.Task[None] | None = None
@@ -202,7 +205,7 @@ class ChangeFeed:
         while self._subscribers and not self._closed:
             want_fleet = tick % self.fleet_every == 0 and any(s.fleet for s in self._subscribers)
             read = partial(read_markers, self.reader, fleet=want_fleet)
-            markers = await anyio.to_thread.run_sync(read)
+            markers = await asyncio.get_running_loop().run_in_executor(self.executor, read)
             self._publish(markers)
             self.polls += 1
             tick += 1

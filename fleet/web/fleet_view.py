@@ -12,7 +12,10 @@ model. Both are None for a device never selected.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+import json
+import threading
+from collections import OrderedDict
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -154,8 +157,15 @@ def fleet_data(reader: FleetReader, query: DeviceQuery) -> dict[str, Any]:
     infos = reader.devices()
     last = last_rounds(reader.all_rounds())
     rows = [device_row(info, last.get(info.device_id)) for info in infos]
+    return fleet_payload(rows, query, has_store=reader.store() is not None)
+
+
+def fleet_payload(
+    rows: Sequence[dict[str, Any]], query: DeviceQuery, *, has_store: bool
+) -> dict[str, Any]:
+    """``fleet_data`` from every device's row (``device_row``)."""
     return {
-        "has_store": reader.store() is not None,
+        "has_store": has_store,
         "counts": {
             "total": len(rows),
             "online": sum(1 for r in rows if r["online"]),
@@ -165,6 +175,95 @@ def fleet_data(reader: FleetReader, query: DeviceQuery) -> dict[str, Any]:
         },
         "devices": select_rows(rows, query),
     }
+
+
+def encode_json(data: Any) -> bytes:
+    """``data`` as the dashboard's JSON responses encode it (Starlette's ``JSONResponse``)."""
+    text = json.dumps(data, ensure_ascii=False, allow_nan=False, indent=None, separators=(",", ":"))
+    return text.encode("utf-8")
+
+
+class FleetTable:
+    """The fleet page's data for one dashboard, rebuilt only where the store changed.
+
+    ``body(query)`` is ``fleet_data(reader, query)`` as JSON bytes. A device's row is kept while
+    the reader gives the same ``DeviceInfo`` object for it (its stored row did not change) and
+    its newest round is the same; each run's "newest round per device" is kept while the reader
+    gives the same rounds tuple (a run that is not running); the encoded answer to each of the
+    ``max_queries`` most recent queries is kept while every row is the same object. So a fleet
+    of 1,000 devices with nothing changed costs the device query and a comparison, and a few
+    changed devices cost their rows and one encoding. Safe from any thread.
+    """
+
+    def __init__(self, reader: FleetReader, *, max_queries: int = 8) -> None:
+        if max_queries < 1:
+            raise ValueError(f"max_queries must be >= 1, got {max_queries}")
+        self.reader = reader
+        self.max_queries = max_queries
+        self._lock = threading.Lock()
+        self._rows: dict[str, tuple[DeviceInfo, LastRound | None, dict[str, Any]]] = {}
+        self._last: dict[str, tuple[tuple[RoundRecord, ...], dict[str, LastRound]]] = {}
+        self._bodies: OrderedDict[DeviceQuery, tuple[list[dict[str, Any]], bool, bytes]] = (
+            OrderedDict()
+        )
+
+    def last_rounds(self) -> dict[str, LastRound]:
+        """``last_rounds(reader.all_rounds())``, each run's part kept while its rounds are."""
+        previous = self._last
+        kept: dict[str, tuple[tuple[RoundRecord, ...], dict[str, LastRound]]] = {}
+        out: dict[str, LastRound] = {}
+        for run_id, (run, rounds) in self.reader.all_rounds().items():
+            seen = previous.get(run_id)
+            part = seen[1] if seen is not None and seen[0] is rounds else None
+            if part is None:
+                part = last_rounds({run_id: (run, rounds)})
+            kept[run_id] = (rounds, part)
+            for device_id, last in part.items():
+                mine = out.get(device_id)
+                if mine is None or last.opened_at >= mine.opened_at:
+                    out[device_id] = last
+        self._last = kept
+        return out
+
+    def rows(self) -> list[dict[str, Any]]:
+        """Every device's row, in id order (the kept dict where nothing changed; never mutate)."""
+        infos = self.reader.devices()
+        last = self.last_rounds()
+        previous = self._rows
+        kept: dict[str, tuple[DeviceInfo, LastRound | None, dict[str, Any]]] = {}
+        out: list[dict[str, Any]] = []
+        for info in infos:
+            mine = last.get(info.device_id)
+            seen = previous.get(info.device_id)
+            if seen is not None and seen[0] is info and (seen[1] is mine or seen[1] == mine):
+                row = seen[2]
+            else:
+                row = device_row(info, mine)
+            kept[info.device_id] = (info, mine, row)
+            out.append(row)
+        self._rows = kept
+        return out
+
+    def body(self, query: DeviceQuery) -> bytes:
+        """The JSON of ``fleet_data(reader, query)``."""
+        rows = self.rows()
+        has_store = self.reader.store() is not None
+        with self._lock:
+            cached = self._bodies.get(query)
+            if cached is not None and _same(cached[0], rows) and cached[1] == has_store:
+                self._bodies.move_to_end(query)
+                return cached[2]
+        body = encode_json(fleet_payload(rows, query, has_store=has_store))
+        with self._lock:
+            self._bodies[query] = (rows, has_store, body)
+            self._bodies.move_to_end(query)
+            while len(self._bodies) > self.max_queries:
+                self._bodies.popitem(last=False)
+        return body
+
+
+def _same(kept: Sequence[object], now: Sequence[object]) -> bool:
+    return len(kept) == len(now) and all(a is b for a, b in zip(kept, now, strict=True))
 
 
 def _outcome(

@@ -4,8 +4,9 @@
 (runs, their rounds, device rows, rejection counts) and turns what it read into metric families.
 Nothing is counted in memory and the runner is not instrumented, so the figures are the store's
 (exact after a crash, the same from any process) and a dashboard restarted mid-run loses
-nothing. Rounds of runs that are not running come from ``FleetReader``'s cache, so a scrape costs
-a few indexed queries plus one read of the device rows (docs/benchmarks.md has the time).
+nothing. Rounds of runs that are not running come from ``FleetReader``'s cache and the device
+figures from one aggregate query, so a scrape costs a few indexed queries, none of which decodes
+a row per device (docs/benchmarks.md has the time).
 
 Per-run series carry the label ``run``; only the ``max_runs`` most recently updated runs are
 exported, which bounds the number of series a long-lived store produces. Units: seconds, bytes,
@@ -72,18 +73,18 @@ class StoreCollector(Collector):
         yield from self._runs(runs)
 
     def _devices(self) -> Iterator[Metric]:
-        records = self.reader.device_records()
-        for name, doc, value in (
-            ("sparsefleet_devices", "Devices known to the registry.", len(records)),
-            ("sparsefleet_devices_online", "Devices online.", sum(d.online for d in records)),
-            ("sparsefleet_devices_cordoned", "Devices cordoned.", sum(d.cordoned for d in records)),
-            ("sparsefleet_devices_drained", "Devices drained.", sum(d.drained for d in records)),
+        totals = self.reader.device_totals()  # one aggregate query, not 1,000 rows
+        for name, doc, key in (
+            ("sparsefleet_devices", "Devices known to the registry.", "devices"),
+            ("sparsefleet_devices_online", "Devices online.", "online"),
+            ("sparsefleet_devices_cordoned", "Devices cordoned.", "cordoned"),
+            ("sparsefleet_devices_drained", "Devices drained.", "drained"),
         ):
-            yield GaugeMetricFamily(name, doc, value=float(value))
+            yield GaugeMetricFamily(name, doc, value=float(totals[key]))
         accepted = CounterMetricFamily(
             "sparsefleet_device_updates_accepted",
             "Updates stored from devices, every run (late ones included).",
-            value=float(sum(d.updates_accepted for d in records)),
+            value=float(totals["updates_accepted"]),
         )
         yield accepted
         rejected = CounterMetricFamily(

@@ -15,6 +15,9 @@ Caches, each safe because what it keeps cannot change underneath it:
 - the answered/late counts per round (``answers``): a finished run's once per ``run_key``; a
   running run's older closed rounds from the last count, its newest ones afresh (late updates
   arrive within a round or two), so a live run page costs a few queries, not one per round.
+- each device's ``DeviceInfo``, kept while the store gives the same record object for it
+  (``Store.list_devices`` reuses the record of a row that did not change), so listing 1,000
+  devices rebuilds only the views of those that changed.
 
 The store is opened lazily: a dashboard started before the first run shows an empty fleet and
 picks the store up once ``fleet.db`` exists.
@@ -27,7 +30,8 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 
 from device.errors import NotFoundError
-from fleet.ops.registry import DeviceInfo, DeviceRegistry
+from fleet.ops.registry import DeviceInfo, DeviceRegistry, info_from_record
+from fleet.state.devices import DEVICE_TOTALS
 from fleet.state.store import (
     DeviceRecord,
     RejectionRecord,
@@ -69,6 +73,7 @@ class FleetReader:
         self._rounds: dict[str, tuple[RunKey, tuple[RoundRecord, ...]]] = {}
         self._layers: dict[str, dict[str, float]] = {}
         self._answers: dict[str, tuple[RunKey, dict[int, tuple[int, int]]]] = {}
+        self._infos: dict[str, tuple[DeviceRecord, DeviceInfo]] = {}
 
     # -- the store ----------------------------------------------------------------------------
 
@@ -216,14 +221,36 @@ class FleetReader:
     # -- devices ------------------------------------------------------------------------------
 
     def devices(self) -> list[DeviceInfo]:
-        """Every known device ordered by id (tags: reported merged with the operator's)."""
+        """Every known device ordered by id (tags: reported merged with the operator's).
+
+        The same ``DeviceInfo`` object as last time for a device whose record is the same
+        object (unchanged row), so views built from it can be kept too.
+        """
         store = self.store()
-        return [] if store is None else DeviceRegistry(store).devices()
+        if store is None:
+            return []
+        previous = self._infos
+        infos: dict[str, tuple[DeviceRecord, DeviceInfo]] = {}
+        out: list[DeviceInfo] = []
+        for record in store.list_devices():
+            seen = previous.get(record.device_id)
+            info = seen[1] if seen is not None and seen[0] is record else info_from_record(record)
+            infos[record.device_id] = (record, info)
+            out.append(info)
+        self._infos = infos  # one assignment: a concurrent call sees the old or the new
+        return out
 
     def device_records(self) -> list[DeviceRecord]:
         """Every device row as stored (cheaper than ``devices``: no tag merge, no profile)."""
         store = self.store()
         return [] if store is None else store.list_devices()
+
+    def device_totals(self) -> dict[str, int]:
+        """``Store.device_totals`` (every count 0 while there is no store)."""
+        store = self.store()
+        if store is None:
+            return dict.fromkeys(DEVICE_TOTALS, 0)
+        return store.device_totals()
 
     def device(self, device_id: str) -> DeviceInfo | None:
         store = self.store()

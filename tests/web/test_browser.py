@@ -2,12 +2,16 @@
 driven by Playwright) watches a simulated run over a real mosquitto.
 
 What an operator sees must be live: the round counter advances without a reload, the accuracy
-chart has points, the fleet table lists the devices. The screenshot lands in the test's
-temporary directory (docs/dashboard.png is one of these).
+chart has points, the fleet table lists the devices. The screenshots land in the test's
+temporary directory; with ``SPARSEFLEET_SCREENSHOT_DIR`` set, the run page's is also written there
+as ``dashboard.png`` (``make docs-screenshot`` sets it to docs/, which is how docs/dashboard.png is
+made).
 """
 
 from __future__ import annotations
 
+import contextlib
+import os
 import shutil
 import threading
 import time
@@ -28,8 +32,15 @@ from fleet.web import DashboardSettings, ServerThread
 pytestmark = pytest.mark.slow
 
 CHROMIUM = "/usr/bin/chromium"
-DEVICES = 4
-ROUNDS = 10
+DEVICES = 6
+ROUNDS = 12
+PER_ROUND = 3  # answers that close a round; ceil(3 * 1.5) = 5 are selected, so some come late
+PICTURE_ROUND = 8  # rounds closed before the screenshot, for a chart with a shape
+SCREENSHOT_DIR_ENV = "SPARSEFLEET_SCREENSHOT_DIR"
+IN_STEP = (  # the rounds table (refetched at most once a second) shows the counter's round
+    "document.querySelector('#rounds-table tbody td')?.textContent"
+    " === document.querySelector('#round-counter').textContent"
+)
 
 
 def _browser() -> Any:
@@ -57,9 +68,10 @@ def _spec() -> RunSpec:
         model_name="mlp",
         strategy="feddst",
         rounds=ROUNDS,
-        clients_per_round=3,
+        clients_per_round=PER_ROUND,
+        over_select=1.5,
         strategy_options={
-            "clients_per_round": 3,
+            "clients_per_round": PER_ROUND,
             "density": 0.3,
             "readjust_every": 2,
             "total_rounds": ROUNDS,
@@ -92,8 +104,20 @@ def _wait_js(page: Any, expression: str, timeout_s: float) -> None:
         time.sleep(0.1)
 
 
+def _screenshot_dir() -> Path | None:
+    """Where ``make docs-screenshot`` wants the run page's picture, or None (unset)."""
+    value = os.environ.get(SCREENSHOT_DIR_ENV)
+    if not value:
+        return None
+    target = Path(value)
+    if not target.is_dir():
+        raise FileNotFoundError(f"{SCREENSHOT_DIR_ENV}={value}: no such directory")
+    return target
+
+
 def test_live_run_in_headless_chromium(broker: MosquittoBroker, tmp_path: Path) -> None:
     sync_api = _browser()
+    publish = _screenshot_dir()
     state = tmp_path / "state"
     torch.set_num_threads(1)
     errors: list[BaseException] = []
@@ -142,7 +166,14 @@ def test_live_run_in_headless_chromium(broker: MosquittoBroker, tmp_path: Path) 
                 20,
             )
             assert page.locator("#chart-accuracy-mb circle.point").count() >= 2
-            page.wait_for_timeout(1500)  # a few more rounds for the picture
+            _wait_js(  # more rounds for the picture (bounded: the run may end first)
+                page,
+                f"Number(document.querySelector('#rounds-closed').textContent) >= {PICTURE_ROUND}"
+                f" || document.querySelector('#run-status').textContent !== 'running'",
+                30,
+            )
+            with contextlib.suppress(TimeoutError):  # the charts caught up with the counter
+                _wait_js(page, IN_STEP, 5)
             page.screenshot(path=str(tmp_path / "dashboard-run.png"), full_page=True)
 
             page.goto(f"{server.url}/fleet")
@@ -158,3 +189,5 @@ def test_live_run_in_headless_chromium(broker: MosquittoBroker, tmp_path: Path) 
         runner.join(180)
     assert errors == []
     assert (tmp_path / "dashboard-run.png").stat().st_size > 10_000
+    if publish is not None:
+        shutil.copyfile(tmp_path / "dashboard-run.png", publish / "dashboard.png")
