@@ -27,6 +27,14 @@ Protocol (docs/deployment.md):
 Anything that fails reports ``failed`` with the reason and leaves the previous version serving.
 A download that times out is retried (``retries`` times, each with a fresh subscription); a bad
 artefact is not (it would fail the same way), and its notice counts as applied.
+
+A **pin** (``deploy.pin`` in the device config, ``DeployOptions.pin``) holds the device on one
+version: at start the worker activates it from the models directory (its file checked against
+the trusted keys first) and drops a pending deployment of another version; a notice of another
+version is refused with a ``failed`` event naming the pin. Refused notices do not count as
+applied, so once the pin is removed (and the agent restarted) the device installs the newest
+deployment that addresses it. A notice of the pinned version itself is followed as usual, so a
+pinned version that is not kept here yet can still arrive by a deployment.
 """
 
 from __future__ import annotations
@@ -42,6 +50,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from device.deploy_checks import DeployFailure, LocalSample, selftest, verify_artefact
+from device.deploy_pin import activate_pin, pin_reason
+from device.deploy_status import deployed_model
 from device.errors import DecodeError, SparseFleetError
 from device.inference import InferenceModel, build
 from device.model_store import LastEvent, ModelStore, Pending
@@ -86,7 +96,8 @@ class DeployOptions:
     for the artefact;
     ``retries``: further attempts after a timeout. ``selftest_examples``: most local examples
     a new model predicts before the switch. ``status_interval_s``: how often changed inference
-    counters are republished in the status.
+    counters are republished in the status. ``pin``: the only version this device serves
+    (None: whatever the fleet deploys); see the module docstring.
     """
 
     models_dir: Path
@@ -99,6 +110,7 @@ class DeployOptions:
     selftest_examples: int = 64
     status_interval_s: float = 60.0
     local_data: LocalData | None = None
+    pin: str | None = None
 
 
 @dataclass
@@ -137,13 +149,19 @@ class Deployer:
         self._model_lock = threading.Lock()
         self._reported_usage: tuple[int, int] = (0, 0)
         self._next_status = 0.0
+        self._refused_sequence = 0  # highest notice refused because of the pin (this process)
         self._deployed = self._compute_deployed()
 
     # -- lifecycle (agent thread) ----------------------------------------------------------------
 
     def start(self) -> None:
         """Subscribe to the notices (and inference requests when enabled); start the worker,
-        which loads the active model and resumes an interrupted download."""
+        which loads the active model and resumes an interrupted download.
+
+        The notices' subscription is made afresh (unsubscribe first): retained messages go
+        only to a new subscription, and a session that survived the restart would otherwise
+        not see again the notices refused under a pin that has been removed since."""
+        self.transport.unsubscribe(self.topics.all_deploy_notices())
         self.transport.subscribe(self.topics.all_deploy_notices(), qos=1)
         if self.options.remote_inference:
             self.transport.subscribe(self.topics.dev_infer_request(self.device_id), qos=1)
@@ -175,38 +193,8 @@ class Deployer:
         memory by the worker, so the network thread (a birth after a reconnect) reads no file."""
         return self._deployed
 
-    def _compute_deployed(self) -> DeployedModel | None:
-        try:
-            state = self.store.state()
-        except SparseFleetError as exc:
-            log.warning("%s: %s", self.device_id, exc)
-            return None
-        last = state.last_event
-        if state.active is None:
-            deployed = DeployedModel(version="")
-        else:
-            model = self.model
-            if model is not None:
-                model.flush()  # this process's live counters into its usage file
-            inferences, errors = self.store.usage(state.active)
-            deployed = DeployedModel(
-                version=state.active.version,
-                artefact_sha256=bytes.fromhex(state.active.sha256),
-                deployment_id=state.active.deployment_id,
-                since_unix_s=state.active.since_unix_s,
-                inferences=inferences,
-                errors=errors,
-                previous_version=state.previous.version if state.previous is not None else "",
-            )
-        if last is None:
-            return deployed if state.active is not None else None
-        return dataclasses.replace(
-            deployed,
-            last_deployment_id=last.deployment_id,
-            last_state=DeployState(last.state),
-            last_reason=last.reason,
-            last_event_unix_s=last.at_unix_s,
-        )
+    def _compute_deployed(self) -> DeployedModel | None:  # device.deploy_status
+        return deployed_model(self.store, self.model, self.device_id)
 
     @property
     def model(self) -> InferenceModel | None:
@@ -217,6 +205,10 @@ class Deployer:
     # -- worker ----------------------------------------------------------------------------------
 
     def _loop(self) -> None:
+        try:
+            self._apply_pin()
+        except Exception:  # a broken pin must not stop the worker: the reason is logged
+            log.exception("%s: cannot apply the pinned model version", self.device_id)
         self._load_active()
         self._resume()
         while True:
@@ -273,8 +265,9 @@ class Deployer:
         )
         last = LastEvent(deployment_id, state.value, version, reason, now)
         self.store.update(last_event=last)
+        self._deployed = self._compute_deployed()  # before the event: "active" => deployed()
         self._publish_event(deployment_id, event)
-        self._changed()  # the retained status carries the last event too
+        self._status_changed()  # the retained status carries the last event too
 
     # -- notices ---------------------------------------------------------------------------------
 
@@ -284,6 +277,9 @@ class Deployer:
         state = self.store.state()
         if notice.sequence <= state.last_sequence:
             return  # applied (or superseded) already
+        if self.options.pin is not None and notice.version != self.options.pin:
+            self._refuse_pinned(deployment_id, notice)
+            return
         pending = state.pending
         if pending is not None and pending.sequence >= notice.sequence:
             return  # this one, or a later one, is being installed
@@ -298,6 +294,34 @@ class Deployer:
         pending = Pending(deployment_id, notice.sequence, notice.version, sha)
         self.store.update(pending=pending)
         self._fetch(pending)
+
+    def _refuse_pinned(self, deployment_id: str, notice: DeployNotice) -> None:
+        """One ``failed`` event per refused notice (none for one older); not marked applied."""
+        if notice.sequence <= self._refused_sequence:
+            return
+        self._refused_sequence = notice.sequence
+        reason = pin_reason(str(self.options.pin), self._serving())
+        self._event(deployment_id, DeployState.FAILED, notice.version, reason)
+
+    def _apply_pin(self) -> None:
+        """At start: drop a pending deployment of another version than the pin (``failed``)
+        and activate the pinned version (``device.deploy_pin``); a pin that cannot be applied
+        leaves the active version as it is and is logged as an error."""
+        pin = self.options.pin
+        if pin is None:
+            return
+        pending = self.store.state().pending
+        if pending is not None and pending.version != pin:
+            self.store.update(pending=None)
+            reason = pin_reason(pin, self._serving())
+            self._event(pending.deployment_id, DeployState.FAILED, pending.version, reason)
+        before = self.store.state().active
+        problem = activate_pin(self.store, pin, self.options.trusted)
+        if problem is not None:
+            log.error("%s: %s; serving %s", self.device_id, problem, self._serving() or "none")
+        elif before is None or before.version != pin:
+            log.info("%s: model version %r activated by the pin", self.device_id, pin)
+            self._changed()
 
     def _withdrawn(self, deployment_id: str) -> None:
         """A cleared notice (a stopped rollout): drop it if it is the one pending."""

@@ -47,6 +47,7 @@ def deploy_options(config: DeviceConfig, data: DeviceData | None) -> DeployOptio
         retries=section.retries,
         selftest_examples=SELFTEST_EXAMPLES,
         local_data=lambda: sample,
+        pin=section.pin,
     )
 
 

@@ -110,9 +110,19 @@ def _csr(tensor: SparseTensor) -> torch.Tensor:
 
 
 def _linear_forward(module: nn.Linear, matrix: torch.Tensor) -> Any:
+    """A linear layer's forward through its CSR weight ``[out, in]``.
+
+    One example goes through ``torch.mv``: CSR times a vector is several times faster than
+    ``torch.mm`` with a one-column matrix (0.20 ms against 1.05 ms for femnist_cnn's fc1 at
+    density 0.08, one thread; docs/benchmarks.md), and it is what decides single-example
+    latency. More examples go through one ``torch.mm``."""
+
     def forward(x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, matrix.shape[1])
-        y = torch.mm(matrix, flat.t()).t()
+        if flat.shape[0] == 1:
+            y = torch.mv(matrix, flat[0]).unsqueeze(0)
+        else:
+            y = torch.mm(matrix, flat.t()).t()
         if module.bias is not None:
             y = y + module.bias
         return y.reshape(*x.shape[:-1], matrix.shape[0])

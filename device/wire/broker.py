@@ -107,6 +107,9 @@ def render_config(
         f"listener {port} {host}",
         f"allow_anonymous {'true' if allow_anonymous else 'false'}",
         "connection_messages true",
+        # Nagle's algorithm off on client sockets: small packets (acks, notices) would wait
+        # ~40 ms for delayed ACKs (device.wire.connection sets the same on the client side).
+        "set_tcp_nodelay true",
         "log_type error",
         "log_type warning",
         "log_type notice",

@@ -303,6 +303,7 @@ class MqttConnection:
             self._connack = reason
             self._connack_event.set()
             return
+        _no_delay(client)
         limit = getattr(properties, "MaximumPacketSize", None) if properties else None
         self.max_packet_bytes = (
             min(int(limit), PROTOCOL_MAX_PACKET_BYTES) if limit else (PROTOCOL_MAX_PACKET_BYTES)
@@ -406,3 +407,16 @@ class MqttConnection:
         # From the network thread loop_stop only asks paho's loop to end (no join): it returns
         # instead of reconnecting. The owner's close() finishes the stop.
         client.loop_stop()
+
+
+def _no_delay(client: paho.Client) -> None:
+    """Turn Nagle's algorithm off on the connection (TCP_NODELAY). MQTT's small packets
+    (PUBACK, SUBSCRIBE, a deployment notice after an artefact) otherwise wait for the
+    receiver's delayed ACK: about 40 ms per hop on Linux, which made a deployment's notice,
+    subscription and artefact take 110 ms instead of 6 ms on loopback (docs/benchmarks.md,
+    "Deployment"). The broker needs ``set_tcp_nodelay true`` for its side."""
+    sock = client.socket()
+    try:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # type: ignore[union-attr]
+    except (AttributeError, OSError) as exc:  # a WebSocket wrapper or a closed socket
+        log.debug("TCP_NODELAY not set: %s", exc)

@@ -110,14 +110,20 @@ class Rollout:
         deadline = time.monotonic() + duration_s
         while True:
             remaining = deadline - time.monotonic()
-            message = self.transport.get(timeout_s=max(0.0, min(remaining, self._poll_s)))
-            if message is not None:
-                try:
-                    apply_message(self.store, self.topics, message)
-                finally:
-                    self.transport.ack(message)
-            elif remaining <= 0:
+            if self._apply_next(max(0.0, min(remaining, self._poll_s))) is None and remaining <= 0:
                 return
+
+    def _apply_next(self, timeout_s: float) -> str | None:
+        """Apply the next device message, waiting up to ``timeout_s`` seconds for one; the
+        device whose deployment record it changed ("" when it changed none), None when no
+        message came."""
+        message = self.transport.get(timeout_s=timeout_s)
+        if message is None:
+            return None
+        try:
+            return apply_message(self.store, self.topics, message) or ""
+        finally:
+            self.transport.ack(message)
 
     # -- deploy ----------------------------------------------------------------------------------
 
@@ -259,21 +265,28 @@ class Rollout:
         self, deployment_id: str, devices: Iterable[str], timeout_s: float
     ) -> dict[str, DeploymentDevice]:
         """Apply device messages until every one of ``devices`` is active or failed, or
-        ``timeout_s`` passes; their rows as they are then."""
+        ``timeout_s`` passes; their rows as they are then. A device's row is read again right
+        after a message changed it, so the wait ends as soon as the last device reports (not
+        at the next poll) and costs one row read per event."""
         wanted = set(devices)
+        rows = {
+            d.device_id: d
+            for d in self.store.deployments.devices(deployment_id)
+            if d.device_id in wanted
+        }
+        open_ = {d for d in wanted if d not in rows or rows[d].state not in DONE_STATES}
         deadline = time.monotonic() + timeout_s
-        while True:
-            rows = {
-                d.device_id: d
-                for d in self.store.deployments.devices(deployment_id)
-                if d.device_id in wanted
-            }
-            if all(rows.get(d) is not None and rows[d].state in DONE_STATES for d in wanted):
-                return rows
+        while open_:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
-                return rows
-            self.pump(min(remaining, self._poll_s))
+                break
+            changed = self._apply_next(min(remaining, self._poll_s))
+            if changed in open_:
+                for row in self.store.deployments.devices(deployment_id, changed):
+                    rows[row.device_id] = row
+                    if row.state in DONE_STATES:
+                        open_.discard(row.device_id)
+        return rows
 
     def _finish(self, record: DeploymentRecord, online: set[str], wait_s: float) -> RolloutResult:
         waiting = [d for d in record_devices(self.store, record) if d in online]

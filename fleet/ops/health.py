@@ -9,7 +9,9 @@ broker hands over the retained status first, then every new one, so a device tha
 we listen is seen as soon as it publishes its birth message. Each payload is an Envelope decoded
 with ``device.wire.envelope.decode``; one that does not decode, or holds another body, is
 remembered as the reason and otherwise ignored. The check passes on the first status with
-``online`` true and ``agent_version`` equal to the wanted version, from a device id that matches.
+``online`` true and ``agent_version`` equal to the wanted version, from a device id that matches;
+with ``--model-version`` (a rollout that pins the device's deployed model, docs/deployment.md)
+the status must also name that deployed model version.
 
 paho runs its network loop in its own thread and the callbacks only put payloads on a queue
 (DESIGN section 4). ``connect_async`` plus ``loop_start`` keep retrying while the broker is
@@ -48,7 +50,8 @@ EXIT_USAGE = 2
 class HealthResult:
     """The outcome of one wait.
 
-    ``ok`` is true when a status with ``online`` and the wanted version arrived in time.
+    ``ok`` is true when a status with ``online`` and the wanted version (and deployed model
+    version, when ``model_version`` is not empty) arrived in time.
     ``last_status`` is the last DeviceStatus seen (None when none arrived), ``problem`` the last
     thing that went wrong (connection refused, an undecodable payload, ...; empty when nothing
     did), ``waited_s`` the seconds spent waiting.
@@ -60,12 +63,14 @@ class HealthResult:
     last_status: DeviceStatus | None
     problem: str
     waited_s: float
+    model_version: str = ""
 
     def describe(self) -> str:
         """One line for a person reading the rollout's output."""
+        model = f" serving model version {self.model_version}" if self.model_version else ""
         if self.ok:
             return (
-                f"device {self.device_id!r} is online with agent version {self.version} "
+                f"device {self.device_id!r} is online with agent version {self.version}{model} "
                 f"(after {self.waited_s:.1f} s)"
             )
         if self.last_status is None:
@@ -73,10 +78,12 @@ class HealthResult:
         else:
             state = "online" if self.last_status.online else "offline"
             seen = f"last reported {state} with agent version {self.last_status.agent_version!r}"
+            if self.model_version:
+                seen += f" serving model version {self.last_status.model_version!r}"
         why = f"; last problem: {self.problem}" if self.problem else ""
         return (
-            f"device {self.device_id!r} did not come back with agent version {self.version} "
-            f"within {self.waited_s:.1f} s: it {seen}{why}"
+            f"device {self.device_id!r} did not come back with agent version {self.version}"
+            f"{model} within {self.waited_s:.1f} s: it {seen}{why}"
         )
 
 
@@ -149,9 +156,11 @@ def wait_for_version_result(
     password: str | None = None,
     tls: TlsSettings | None = None,
     topics_prefix: str = "fl/v1",
+    model_version: str = "",
 ) -> HealthResult:
     """Wait up to ``timeout_s`` seconds for ``device_id`` to report ``online`` with agent
-    ``version`` on its retained status topic; the full outcome (see ``HealthResult``).
+    ``version`` on its retained status topic (and, unless ``model_version`` is empty, serving
+    that deployed model version); the full outcome (see ``HealthResult``).
 
     ``tls`` enables TLS with the given CA and client certificate. Raises ``ValueError`` for a
     device id or prefix that cannot form a topic and for a negative timeout; connection
@@ -187,14 +196,19 @@ def wait_for_version_result(
                 problem = why
                 continue
             last = status
-            if status.online and status.agent_version == version:
-                return HealthResult(True, device_id, version, last, "", time.monotonic() - start)
+            if (
+                status.online
+                and status.agent_version == version
+                and (not model_version or status.model_version == model_version)
+            ):
+                waited = time.monotonic() - start
+                return HealthResult(True, device_id, version, last, "", waited, model_version)
     finally:
         client.disconnect()
         client.loop_stop()
-    return HealthResult(
-        False, device_id, version, last, problem or listener.problem, time.monotonic() - start
-    )
+    problem = problem or listener.problem
+    waited = time.monotonic() - start
+    return HealthResult(False, device_id, version, last, problem, waited, model_version)
 
 
 def wait_for_version(
@@ -235,6 +249,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--port", type=int, default=1883, help="broker port (default 1883)")
     parser.add_argument("--device", required=True, help="device id")
     parser.add_argument("--version", required=True, help="agent version to wait for")
+    parser.add_argument(
+        "--model-version",
+        default="",
+        help="deployed model version the device must also serve (a pinned rollout)",
+    )
     parser.add_argument(
         "--timeout", type=float, default=DEFAULT_TIMEOUT_S, help="seconds to wait (default 120)"
     )
@@ -282,6 +301,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             password=password,
             tls=tls,
             topics_prefix=args.prefix,
+            model_version=args.model_version,
         )
     except ValueError as exc:
         print(f"fleet.ops.health: error: {exc}", file=sys.stderr)

@@ -223,16 +223,15 @@ class DeploymentRepository:
 
     # -- devices in a deployment ---------------------------------------------------------------
 
-    def devices(self, deployment_id: str) -> list[DeploymentDevice]:
-        """The deployment's devices, ordered by id."""
-        rows = (
-            self._db.conn()
-            .execute(
-                "SELECT * FROM deployment_devices WHERE deployment_id = ? ORDER BY device_id",
-                (deployment_id,),
-            )
-            .fetchall()
-        )
+    def devices(self, deployment_id: str, device_id: str | None = None) -> list[DeploymentDevice]:
+        """The deployment's devices, ordered by id (only ``device_id``'s row when given: a
+        rollout that follows 100 devices reads one row per event, not 100)."""
+        query = "SELECT * FROM deployment_devices WHERE deployment_id = ?"
+        args: tuple[str, ...] = (deployment_id,)
+        if device_id is not None:
+            query += " AND device_id = ?"
+            args += (device_id,)
+        rows = self._db.conn().execute(query + " ORDER BY device_id", args).fetchall()
         return [_device(r) for r in rows]
 
     def record_event(
@@ -247,28 +246,33 @@ class DeploymentRepository:
     ) -> bool:
         """Apply a device's event to its row (added as a ``target`` when the deployment
         addressed every device); True if applied, False when older than the row's last event
-        or the deployment is unknown. ``metrics`` None keeps the row's (a status repeats the
-        state of an event without its metrics)."""
+        or the deployment is unknown, or when it repeats the row's state at the same time
+        without metrics (the retained status that follows every event). ``metrics`` None keeps
+        the row's (a status repeats the state of an event without its metrics).
+
+        Not power-safe on return (``durable=False``: crash-safe, power-safe at the next durable
+        commit): what a device reports is reported again in its retained status, so a lost
+        tail is relearned, and one fsync per event made a 100-device rollout spend seconds of
+        the fleet manager's time in fsync (docs/benchmarks.md, "Deployment")."""
         if state not in DEVICE_STATES:
             raise ValueError(f"unknown device state {state!r}; known: {', '.join(DEVICE_STATES)}")
         now = self._clock()
-        with self._db.write() as conn:
+        with self._db.write(durable=False) as conn:
             known = conn.execute(
                 "SELECT 1 FROM deployments WHERE deployment_id = ?", (deployment_id,)
             ).fetchone()
             if known is None:
                 return False
             row = conn.execute(
-                "SELECT reported_at FROM deployment_devices WHERE deployment_id = ?"
+                "SELECT reported_at, state FROM deployment_devices WHERE deployment_id = ?"
                 " AND device_id = ?",
                 (deployment_id, device_id),
             ).fetchone()
-            if (
-                row is not None
-                and row["reported_at"] is not None
-                and row["reported_at"] > (reported_at)
-            ):
-                return False
+            if row is not None and row["reported_at"] is not None:
+                if row["reported_at"] > reported_at:
+                    return False
+                if row["reported_at"] == reported_at and row["state"] == state and metrics is None:
+                    return False  # a status repeating the event already recorded
             conn.execute(
                 "INSERT INTO deployment_devices (deployment_id, device_id, role, state, reason,"
                 " metrics, reported_at, updated_at) VALUES (?, ?, 'target', ?, ?, ?, ?, ?)"

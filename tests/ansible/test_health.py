@@ -20,7 +20,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 
 from device.wire import envelope
 from device.wire.broker import MosquittoBroker, free_port
-from device.wire.messages import DeviceStatus, Envelope, JobEvent, JobState
+from device.wire.messages import DeployedModel, DeviceStatus, Envelope, JobEvent, JobState
 from device.wire.topics import Topics
 from fleet.ops.health import main, wait_for_version, wait_for_version_result
 
@@ -109,6 +109,28 @@ def test_old_version_times_out_and_says_what_the_device_reported(
     assert result.waited_s >= 1.0
     text = result.describe()
     assert "'pi-3'" in text and "2.0.0" in text and "online with agent version '1.0.0'" in text
+
+
+def test_a_pinned_model_version_must_be_served_too(broker_factory: BrokerFactory) -> None:
+    """A rollout that pins the deployed model waits for the device to serve it: the right agent
+    version alone is not enough, and the message names the model version it serves."""
+    broker = broker_factory({**PUBLISHER, "watcher": "w"})
+    status = DeviceStatus(
+        online=True, session_epoch=1, agent_version="1.0.0", deployed=DeployedModel(version="m2")
+    )
+    payload = envelope.encode(Envelope(body=status, device_id="pi-m"))
+    publish_status(broker, "pi-m", payload=payload)
+    kwargs = {"username": "watcher", "password": "w"}
+    result = wait_for_version_result(
+        broker.host, broker.port, "pi-m", "1.0.0", 1.0, model_version="m1", **kwargs
+    )
+    assert not result.ok
+    assert "model version m1" in result.describe()
+    assert "serving model version 'm2'" in result.describe()
+    result = wait_for_version_result(
+        broker.host, broker.port, "pi-m", "1.0.0", 5.0, model_version="m2", **kwargs
+    )
+    assert result.ok, result.describe()
 
 
 def test_offline_with_the_new_version_is_not_healthy(broker_factory: BrokerFactory) -> None:

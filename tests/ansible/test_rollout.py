@@ -9,7 +9,9 @@ real ``fleet`` command drains and uncordons the devices in a scratch state direc
 One scenario, because each phase needs the previous one: install the old version everywhere;
 roll out the new one while the second device is misconfigured so that it never comes back (the
 rollout must stop there, leaving the third device untouched); fix it and roll out again (every
-device ends on the new version, one batch after the other).
+device ends on the new version, one batch after the other); then pin the first device's
+deployed model to a version it keeps (``fleet_device_model_version``): only it restarts, and
+the rollout waits until it serves that version.
 """
 
 from __future__ import annotations
@@ -38,12 +40,16 @@ from ansible_harness import (
 )
 
 from device import __version__
+from device.model_store import ModelStore
 from device.wire.broker import MosquittoBroker, free_port
 from device.wire.messages import DeviceStatus
+from fleet.deploy.export import export_run
+from fleet.deploy.signing import PUBLIC_NAME, generate_key
 from fleet.ops.enroll import generate_password
-from fleet.ops.health import wait_for_version
+from fleet.ops.health import wait_for_version, wait_for_version_result
 from fleet.ops.registry import DeviceRegistry
 from fleet.state.store import Store
+from tests.deploy.helpers import RUN, store_with_run
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1800)]
 
@@ -93,6 +99,17 @@ class Fleet:
         self.watcher_password_file = tmp_path / "watcher.password"
         self.watcher_password_file.write_text(f"{passwords[WATCHER]}\n")
         self.closed_port = free_port()
+        self.deploy_key = tmp_path / "pki" / PUBLIC_NAME
+
+    def keep_model(self, device: str) -> str:
+        """Sign an artefact with the fleet's deployment key and put it in ``device``'s models
+        directory as an install would (not active); its version label."""
+        key = generate_key(self.deploy_key.parent)
+        store = store_with_run(self.tmp / "model-store")
+        exported = export_run(store, RUN, key, dataset="digits")
+        models = self.root(device) / "var/lib/sparsefleet/models"
+        ModelStore(models).write(exported.artefact.manifest.version, exported.data)
+        return exported.artefact.manifest.version
 
     def root(self, device: str) -> Path:
         return self.tmp / device
@@ -100,9 +117,13 @@ class Fleet:
     def pidfile(self, device: str) -> Path:
         return self.tmp / f"{device}.pid"
 
-    def inventory(self, version: str, *, broken: str | None = None) -> Path:
+    def inventory(
+        self, version: str, *, broken: str | None = None, pins: dict[str, str] | None = None
+    ) -> Path:
         devices: dict[str, dict[str, Any]] = {}
         for device in DEVICES:
+            pin = (pins or {}).get(device, "")
+            deploy = {"fleet_device_deploy_trusted_keys": [str(self.deploy_key)]} if pin else {}
             root = self.root(device)
             restart = [
                 sys.executable,
@@ -122,6 +143,8 @@ class Fleet:
                     broker_port=port,
                     password=self.passwords[device],
                     restart_command=restart,
+                    fleet_device_model_version=pin,
+                    **deploy,
                 ),
             }
         shared = {
@@ -136,7 +159,7 @@ class Fleet:
             "sparsefleet_health_timeout_s": HEALTH_TIMEOUT_S,
         }
         groups = {"fleet": {"fleet-local": {"ansible_connection": "local"}}, "devices": devices}
-        name = f"hosts-{version}-{broken or 'ok'}.yml"
+        name = f"hosts-{version}-{broken or 'ok'}{'-pinned' if pins else ''}.yml"
         return write_inventory(self.tmp / name, groups, shared)
 
     def online_with(self, device: str, version: str, timeout_s: float) -> bool:
@@ -253,5 +276,27 @@ def test_rollout_goes_batch_by_batch_and_stops_at_a_device_that_never_comes_back
         b_new = recorder.first(BROKEN, online=True, version=NEW)
         c_down = next(e.at for e in later if e.device_id == "pi-c" and not e.online)
         assert b_new is not None and b_new < c_down, later
+
+        # Phase 3: pin pi-a's deployed model to a version it keeps. Its configuration changes,
+        # so only it restarts, activates the version and reports it in its status.
+        model = fleet.keep_model("pi-a")
+        phase3_start = len(recorder.events)
+        pinned = ansible.playbook("rollout.yml", fleet.inventory(NEW, pins={"pi-a": model}))
+        assert pinned.returncode == 0, pinned.explain()
+        _assert_batch_order(pinned, list(DEVICES), {"pi-a"})
+        later = recorder.events[phase3_start:]
+        restarted = {e.device_id for e in later if not e.online}
+        assert restarted == {"pi-a"}, later
+        result = wait_for_version_result(
+            fleet.broker.host,
+            fleet.broker.port,
+            "pi-a",
+            NEW,
+            5,
+            username=WATCHER,
+            password=fleet.passwords[WATCHER],
+            model_version=model,
+        )
+        assert result.ok, result.describe()
     finally:
         recorder.close()

@@ -96,6 +96,7 @@ class Fleet:
         download_timeout_s: float = 5.0,
         retries: int = 2,
         remote_inference: bool = False,
+        pin: str | None = None,
         start: bool = True,
     ) -> DeviceAgent:
         """A device agent (not yet started unless ``start``) with its models directory."""
@@ -108,6 +109,7 @@ class Fleet:
             retries=retries,
             status_interval_s=0.2,
             local_data=lambda: sample,
+            pin=pin,
         )
         agent = DeviceAgent(
             MemoryTransport(self.broker, device_id),

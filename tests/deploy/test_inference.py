@@ -38,6 +38,9 @@ def test_sparse_layers_compute_what_dense_ones_do(tmp_path: Path, model: str) ->
     assert sparse.sparse_layers == {n for n in artefact.model().pruned}
     x = np.random.default_rng(0).standard_normal((5, *artefact.manifest.input_shape))
     assert np.allclose(dense.logits(x), sparse.logits(x), atol=1e-4)
+    # One example takes another kernel (CSR times a vector): the same logits.
+    assert np.allclose(dense.logits(x[:1]), sparse.logits(x[:1]), atol=1e-4)
+    assert np.allclose(sparse.logits(x[:1]), sparse.logits(x)[:1], atol=1e-5)
 
 
 def test_a_sparse_layer_keeps_no_dense_weight(tmp_path: Path) -> None:
