@@ -21,7 +21,8 @@ of each format, e.g. ``resize`` for images, ``label_column``/``window`` for CSV)
     data:
       format: imagefolder              # imagefolder | csv | npz | python
       path: /var/lib/sparsefleet/images
-      classes: [cat, dog]              # the run's classes, in the run's order
+      classes: [cat, dog]              # optional: the run's classes, in the run's order
+                                       # (left out: taken from the run, whose model carries them)
       resize: [28, 28]
       channels: 1
       eval_fraction: 0.2               # held out for federated evaluation
@@ -124,6 +125,9 @@ class DeployConfig:
     ``models_dir``: the deployed versions (the active one and ``keep_versions - 1`` before it).
     ``remote_inference``: answer requests on ``{prefix}/dev/{id}/infer/req`` (off by default).
     ``download_timeout_s``: one attempt to receive an artefact; ``retries``: attempts after it.
+    ``pin``: a version label the device serves and keeps serving: the agent activates it from
+    ``models_dir`` at start and refuses deployments of any other version (a ``failed`` event
+    saying so); None follows the fleet's deployments.
     """
 
     trusted_keys: tuple[Path, ...]
@@ -132,6 +136,7 @@ class DeployConfig:
     keep_versions: int = 3
     download_timeout_s: float = 300.0
     retries: int = 3
+    pin: str | None = None
 
     def __post_init__(self) -> None:
         if not self.trusted_keys:
@@ -142,6 +147,13 @@ class DeployConfig:
             raise SettingError("download_timeout_s", "must be more than 0 seconds")
         if self.retries < 0:
             raise SettingError("retries", "must be 0 or more")
+        if self.pin is not None:
+            from device.wire.artefact import version_label
+
+            try:
+                version_label(self.pin)
+            except ValueError as exc:
+                raise SettingError("pin", str(exc)) from None
 
 
 @dataclass(frozen=True)
@@ -181,12 +193,6 @@ class DeviceConfig:
             raise SettingError("torch_threads", "must be 0 (torch's default) or more")
         if not self.model_wait_s > 0:
             raise SettingError("model_wait_s", "must be more than 0 seconds")
-        if isinstance(self.data, LocalDataSpec) and self.data.classes is None:
-            raise SettingError(
-                "data",
-                "classes: required for the device's own data: the run's class names, in the "
-                "run's order (a label outside them is an error, not a new class)",
-            )
         if self.profile_model not in model_names():
             raise SettingError(
                 "profile_model",
