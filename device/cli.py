@@ -72,6 +72,11 @@ def build_parser() -> argparse.ArgumentParser:
     check = sub.add_parser("check", help="validate the config, the data and the broker")
     check.add_argument("--config", "-c", type=Path, required=True, help="device YAML file")
     check.add_argument("--no-broker", action="store_true", help="do not try to connect")
+    check.add_argument(
+        "--classes",
+        help="the run's class names, comma-separated, to check data whose config leaves "
+        "them to the run",
+    )
     profile = sub.add_parser("profile", help="measure per-layer step times (JSON on stdout)")
     profile.add_argument("--model", default="mnist_cnn", help="registered model name")
     profile.add_argument("--batch-size", type=_positive_int, default=20)
@@ -132,8 +137,11 @@ def local_data(config: DeviceConfig) -> DeviceData:
 def initial_counts(data: DeviceData) -> DataCounts:
     """The counts of the first status. Bad data does not stop the agent: it is reported, and
     every job fails with the reason until the data is fixed (then the next job reads it)."""
-    from device.local_data import DataCounts
+    from device.local_data import DataCounts, LocalData
 
+    if isinstance(data, LocalData) and data.configured is None:
+        log.info("data: the classes come with the first run's model; counted at its first job")
+        return DataCounts(train=0, evaluation=0)
     try:
         return data.refresh()
     except DataError as exc:
@@ -193,18 +201,28 @@ def cmd_run(config_path: Path) -> int:
     return 0
 
 
-def cmd_check(config_path: Path, *, broker: bool) -> int:
+def cmd_check(config_path: Path, *, broker: bool, classes: tuple[str, ...] = ()) -> int:
+    from device.local_data import LocalData
+
     config = load_device_config(config_path)
     print(f"config: {config_path}: ok (device {config.device_id})")
     data = local_data(config)
-    counts = data.refresh()
-    data.train()  # decodes every example: a corrupt one is named here, not in a round
-    if counts.evaluation:
-        data.evaluation()
-    print(
-        f"data: {_describe_data(config)}: {counts.train} training examples, "
-        f"{counts.evaluation} for evaluation"
-    )
+    if classes:
+        data.use_classes(classes)
+    if isinstance(data, LocalData) and data.spec.classes is None:
+        print(
+            f"data: {_describe_data(config)}: not read (its classes come from the run; "
+            "give --classes to check it now)"
+        )
+    else:
+        counts = data.refresh()
+        data.train()  # decodes every example: a corrupt one is named here, not in a round
+        if counts.evaluation:
+            data.evaluation()
+        print(
+            f"data: {_describe_data(config)}: {counts.train} training examples, "
+            f"{counts.evaluation} for evaluation"
+        )
     from device.model_id import offers, short
 
     built = offers(config.model_refs())  # imports and builds each: a bad factory is named here
@@ -274,7 +292,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "run":
             return cmd_run(args.config)
         if args.command == "check":
-            return cmd_check(args.config, broker=not args.no_broker)
+            classes = tuple(c.strip() for c in args.classes.split(",")) if args.classes else ()
+            return cmd_check(args.config, broker=not args.no_broker, classes=classes)
         if args.command == "profile":
             from device.models import model_names  # torch: only for the command that needs it
 

@@ -11,6 +11,12 @@ directory, a corrupt image, a CSV problem, a label outside the run's classes, np
 different lengths) raises one :class:`~device.errors.DataError` naming the file or setting; the
 agent turns it into a failed job, never a crash.
 
+The label space is the run's: every model snapshot carries the run's ``classes``
+(:meth:`DeviceData.use_classes`, called by :func:`data_for_job`). A device config may leave
+``classes`` out and take them from the run; one that sets them must list the run's, in the run's
+order (a device whose labels mean something else must not train). A bundled dataset's classes
+are its ten digits, so a run over it may declare ten classes or none.
+
 :class:`DataCounts` is what the device reports in its status: ``train`` examples (the round
 updates' ``num_examples``, which weight aggregation) and ``evaluation`` examples (the most an
 evaluation reply may claim; the fleet manager rejects a reply that claims more).
@@ -23,12 +29,12 @@ from __future__ import annotations
 
 import abc
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
-from device.data import Dataset, load_dataset, open_source
+from device.data import Dataset, LocalSource, load_dataset, open_source
 from device.data.local_spec import LocalDataSpec
 from device.data.local_split import SplitMemo
 from device.errors import DataError
@@ -40,6 +46,7 @@ __all__ = [
     "DataCounts",
     "DeviceData",
     "LocalData",
+    "check_class_count",
     "data_for_job",
     "open_device_data",
 ]
@@ -62,6 +69,14 @@ class DataCounts:
 class DeviceData(abc.ABC):
     """A device's data: :meth:`refresh` before each job, then :meth:`train` or
     :meth:`evaluation` (as of that refresh). One job at a time (not thread-safe)."""
+
+    @abc.abstractmethod
+    def use_classes(self, classes: tuple[str, ...]) -> None:
+        """Take the run's label space (non-empty: class ``i`` is logit ``i``) before a job.
+
+        Raises:
+            DataError: the data's own classes disagree with the run's (naming both).
+        """
 
     @abc.abstractmethod
     def refresh(self) -> DataCounts:
@@ -95,6 +110,9 @@ class BundledData(DeviceData):
         else:
             self._train = self._evaluation = dataset
 
+    def use_classes(self, classes: tuple[str, ...]) -> None:
+        check_class_count(classes, self._all.num_classes)
+
     def refresh(self) -> DataCounts:
         return DataCounts(train=len(self._train), evaluation=len(self._evaluation))
 
@@ -115,14 +133,44 @@ class LocalData(DeviceData):
     example keeps the decoded tensors of the previous one; an example edited in place keeps its
     identity and is read again only once examples are added or removed).
 
-    Raises:
-        DataError: ``spec.classes`` is not set.
+    ``spec.classes`` may be None (the device config leaves them to the run): the source opens
+    at the first :meth:`use_classes`, and reading before that raises ``DataError``.
     """
 
     def __init__(self, spec: LocalDataSpec) -> None:
+        self.configured = spec.classes  # the device config's own classes; None: the run's
         self.spec = spec
-        self.source = open_source(spec)
+        self._source = open_source(spec) if spec.classes is not None else None
         self._decoded: dict[str, Dataset] = {}
+
+    @property
+    def source(self) -> LocalSource:
+        """The open source. ``DataError`` while the label space is unknown (no ``classes`` in
+        the device config and no run has given its own yet)."""
+        if self._source is None:
+            raise DataError(
+                "data.classes is not set and no run has declared its classes yet: set "
+                "`classes:` in the run file's run section (or in the device config's data "
+                "section)"
+            )
+        return self._source
+
+    def use_classes(self, classes: tuple[str, ...]) -> None:
+        if self.configured is not None:
+            if tuple(self.configured) != tuple(classes):
+                raise DataError(
+                    f"data.classes in the device config ({_listed(self.configured)}) differ "
+                    f"from the run's classes ({_listed(classes)}); they must be the same "
+                    "names in the same order, or left out of the device config"
+                )
+            return
+        if self.spec.classes != tuple(classes):
+            try:
+                spec = self.spec.with_classes(classes)
+            except ValueError as exc:  # SettingError: the run's list is not a label space
+                raise DataError(f"the run's classes: {exc}") from None
+            self.spec, self._source = spec, open_source(spec)
+            self._decoded.clear()
 
     def refresh(self) -> DataCounts:
         result = self.source.scan()
@@ -171,18 +219,39 @@ def open_device_data(config: DataConfig | LocalDataSpec) -> DeviceData:
 def data_for_job(
     source: DeviceData | DataSource,
     command: RoundCommand | InitialPruneCommand | EvaluateCommand,
+    classes: Sequence[str] = (),
 ) -> tuple[Dataset, DataCounts | None]:
     """The dataset a job reads, and the counts to report (None from a plain callable).
 
-    ``DeviceData`` is refreshed first; an ``EvaluateCommand`` gets its evaluation side, every
-    other job its training side. A plain callable gets the command's partition.
+    ``classes`` is the run's label space (its model snapshot's; empty: not declared), given
+    to ``DeviceData.use_classes`` first. ``DeviceData`` is refreshed next; an
+    ``EvaluateCommand`` gets its evaluation side, every other job its training side. A plain
+    callable gets the command's partition.
 
     Raises:
         DataError: the data cannot be read (naming the file or setting), or the side is empty.
     """
     evaluating = isinstance(command, EvaluateCommand)
     if isinstance(source, DeviceData):
+        if classes:
+            source.use_classes(tuple(classes))
         counts = source.refresh()
         return (source.evaluation() if evaluating else source.train()), counts
     partition = "" if isinstance(command, EvaluateCommand) else command.partition
     return source(partition), None
+
+
+def check_class_count(classes: Sequence[str], num_classes: int) -> None:
+    """A dataset whose labels are indices ``0..num_classes-1`` (a bundled one) can take the
+    run's ``classes`` only if there are as many; ``DataError`` otherwise."""
+    if len(classes) != num_classes:
+        raise DataError(
+            f"the run declares {len(classes)} classes ({_listed(classes)}) but the data has "
+            f"{num_classes}"
+        )
+
+
+def _listed(classes: Sequence[str], most: int = 8) -> str:
+    """Class names for a message: the first ``most``, then how many more."""
+    shown = ", ".join(classes[:most])
+    return shown + (f", ... ({len(classes)} in all)" if len(classes) > most else "")

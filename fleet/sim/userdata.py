@@ -203,7 +203,11 @@ def _write_rows(path: Path, header: list[str], rows: list[list[str]], spec: Loca
 class DeviceDirectories:
     """The simulated devices' data: device ``i`` reads ``specs[i]`` (its materialised
     directory) with a :class:`~device.local_data.LocalData` source, made once per process.
-    Picklable: only the specs travel to the device processes."""
+    Picklable: only the specs travel to the device processes.
+
+    The sources leave ``classes`` to the run, as a device config that does not list them: a
+    simulated device learns its label space from the run's model snapshot, as a real one does
+    (``counts`` scans with the specs' classes, for the first status only)."""
 
     def __init__(self, specs: list[LocalDataSpec]) -> None:
         self.specs = specs
@@ -220,9 +224,10 @@ class DeviceDirectories:
         """Device ``index``'s data source."""
         with self._lock:
             if index not in self._sources:
-                self._sources[index] = LocalData(self.specs[index])
+                spec = dataclasses.replace(self.specs[index], classes=None)
+                self._sources[index] = LocalData(spec)
             return self._sources[index]
 
     def counts(self, index: int) -> DataCounts:
         """Device ``index``'s examples now (a scan of its directory)."""
-        return self.source_for(index).refresh()
+        return LocalData(self.specs[index]).refresh()

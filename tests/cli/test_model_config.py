@@ -4,6 +4,7 @@ name, prunable patterns, and every way of getting them wrong (one error at the f
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -99,6 +100,44 @@ def test_bad_models_are_one_error_at_the_setting(
     text = str(caught.value)
     assert text.startswith(f"{path}:") and f": {where}" in text, text
     assert message.format(pkg=package) in text, text
+
+
+def test_the_runs_classes_are_stored_with_it_and_checked_against_the_model(
+    tmp_path: Path,
+) -> None:
+    names = [f"digit-{i}" for i in range(10)]
+    spec = run_spec(load_config(_write(tmp_path, "mlp", f"classes: {names}")), "r1")
+    assert spec.classes == tuple(names)
+    assert RunSpec.from_json(spec.to_json()) == spec
+    assert run_spec(load_config(_write(tmp_path, "mlp")), "r2").classes == ()
+
+
+@pytest.mark.parametrize(
+    ("classes", "message"),
+    [
+        (str(list("abcdefghijk")), "11 names but the model has only 10 outputs (num_classes)"),
+        ("[a]", "needs at least 2 classes, got 1"),
+        ("[a, b, a, c, d, e, f, g, h, i]", "listed more than once: a"),
+    ],
+)
+def test_bad_run_classes_are_one_error_at_the_setting(
+    tmp_path: Path, classes: str, message: str
+) -> None:
+    path = _write(tmp_path, "mlp", f"classes: {classes}")
+    with pytest.raises(ConfigError, match=rf"{path}:\d+: run\.classes: .*{re.escape(message)}"):
+        load_config(path)
+
+
+def test_the_data_sections_classes_are_the_runs_unless_they_disagree(tmp_path: Path) -> None:
+    digits = [str(i) for i in range(10)]
+    local = f"data:\n  dataset: npz\n  data_dir: arrays\n  classes: {digits}\n"
+    path = tmp_path / "run.yaml"
+    path.write_text(RUN.format(model="mlp", extra="").split("data:")[0] + local)
+    assert run_spec(load_config(path), "r").classes == tuple(digits)  # taken from data
+    other = list(reversed(digits))
+    path.write_text(RUN.format(model="mlp", extra=f"classes: {other}").split("data:")[0] + local)
+    with pytest.raises(ConfigError, match=r"run\.yaml:\d+: data\.classes: .* differ from run"):
+        load_config(path)
 
 
 def test_fleet_config_check_names_the_failing_factory(

@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 
 from device.cli import main
-from device.errors import ConfigError
+from device.errors import ConfigError, DataError
+from tests.device.userdata import IMAGE_CLASSES, bar_images
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -55,3 +56,22 @@ def test_world_readable_password_file_is_refused(
     assert main(["check", "--config", str(path)]) == ConfigError.exit_code
     err = capsys.readouterr().err
     assert "readable by others" in err and "hunter2" not in err
+
+
+def test_check_reads_data_that_leaves_its_classes_to_the_run_with_classes_given(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    images = bar_images(tmp_path / "img", per_class=4)
+    path = tmp_path / "device.yaml"
+    path.write_text(
+        f"device_id: d1\ndata:\n  format: imagefolder\n  path: {images}\n  resize: [8, 8]\n"
+        "  channels: 1\n"
+    )
+    assert main(["check", "--config", str(path), "--no-broker"]) == 0
+    assert "not read (its classes come from the run; give --classes" in capsys.readouterr().out
+    given = ",".join(IMAGE_CLASSES)
+    assert main(["check", "--config", str(path), "--no-broker", "--classes", given]) == 0
+    assert "imagefolder" in (out := capsys.readouterr().out) and "12 training examples" in out
+    code = main(["check", "--config", str(path), "--no-broker", "--classes", "left,right"])
+    assert code == DataError.exit_code
+    assert "middle" in capsys.readouterr().err

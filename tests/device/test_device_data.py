@@ -91,11 +91,56 @@ def test_an_option_of_another_format_is_an_error_not_ignored(tmp_path: Path) -> 
         load_device_config(path)
 
 
-def test_the_device_must_name_the_runs_classes(tmp_path: Path) -> None:
-    """Without them a label cannot be mapped to the model's outputs (or refused)."""
-    path = device_yaml(tmp_path, "format: npz\npath: arrays\n")
-    with pytest.raises(ConfigError, match=r"device\.yaml:3: data: classes: required"):
-        load_device_config(path)
+def test_a_device_may_leave_the_classes_to_the_run(tmp_path: Path) -> None:
+    """The run's classes come with its model snapshot: the config need not repeat them, and
+    nothing is read until they are known."""
+    root = bar_images(tmp_path / "img", per_class=4)
+    path = device_yaml(tmp_path, f"format: imagefolder\npath: {root}\nresize: [8, 8]\n")
+    spec = load_device_config(path).data
+    assert isinstance(spec, LocalDataSpec) and spec.classes is None
+    data = LocalData(spec)
+    with pytest.raises(
+        DataError,
+        match=r"no run has declared its classes yet.*run\.classes|"
+        r"no run has declared its classes yet.*`classes:`",
+    ):
+        data.refresh()
+    train, counts = data_for_job(data, ROUND, IMAGE_CLASSES)
+    assert counts == DataCounts(train=12, evaluation=0) and len(train) == 12
+    assert train.num_classes == 3
+
+
+def test_a_run_without_classes_leaves_a_device_without_them_unable_to_read(
+    tmp_path: Path,
+) -> None:
+    data = LocalData(image_spec(bar_images(tmp_path / "img"), classes=None))
+    with pytest.raises(DataError, match="no run has declared its classes yet"):
+        data_for_job(data, ROUND, ())
+
+
+def test_classes_that_disagree_with_the_runs_fail_the_job_naming_both(tmp_path: Path) -> None:
+    """Same names in another order would silently swap labels: refused, not trained."""
+    data = LocalData(image_spec(bar_images(tmp_path / "img")))
+    swapped = ("middle", "left", "right")
+    with pytest.raises(DataError) as caught:
+        data_for_job(data, ROUND, swapped)
+    message = str(caught.value)
+    assert "left, middle, right" in message and "middle, left, right" in message
+    train, counts = data_for_job(data, ROUND, IMAGE_CLASSES)  # the run's own order trains
+    assert counts is not None and len(train) == counts.train > 0
+
+
+def test_a_label_outside_the_runs_classes_fails_the_job(tmp_path: Path) -> None:
+    data = LocalData(image_spec(bar_images(tmp_path / "img"), classes=None))
+    with pytest.raises(DataError, match="right"):
+        data_for_job(data, ROUND, ("left", "middle"))
+
+
+def test_a_bundled_dataset_takes_only_as_many_classes_as_it_has() -> None:
+    data = BundledData(load_digits(split="train"))
+    data_for_job(data, ROUND, tuple(str(i) for i in range(10)))
+    with pytest.raises(DataError, match=r"the run declares 3 classes .* the data has 10"):
+        data_for_job(data, ROUND, ("a", "b", "c"))
 
 
 def test_bundled_and_local_settings_do_not_mix(tmp_path: Path) -> None:

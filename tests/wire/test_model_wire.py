@@ -62,6 +62,14 @@ def test_a_snapshot_of_an_older_fleet_manager_decodes_without_them() -> None:
     )
 
 
+def test_a_snapshot_carries_the_runs_classes_in_order() -> None:
+    classes = ("zebra", "ant", "moth")  # not sorted: the order is the logits'
+    decoded = envelope.decode(envelope.encode(Envelope(_snapshot(classes=classes)))).body
+    assert isinstance(decoded, ModelSnapshot) and decoded.classes == classes
+    plain = envelope.decode(envelope.encode(Envelope(_snapshot()))).body
+    assert isinstance(plain, ModelSnapshot) and plain.classes == ()
+
+
 def _tampered(edit: str) -> bytes:
     env = pb.Envelope()
     env.ParseFromString(envelope.encode(Envelope(_snapshot(), run_id="r")))
@@ -73,6 +81,10 @@ def _tampered(edit: str) -> bytes:
         env.model.model_ref.kwargs_json = "[1, 2]"
     elif edit == "empty_ref":
         env.model.model_ref.factory = ""
+    elif edit == "twice":
+        env.model.classes.extend(["cat", "dog", "cat"])
+    elif edit == "blank":
+        env.model.classes.extend(["cat", ""])
     return env.SerializeToString()
 
 
@@ -83,6 +95,8 @@ def _tampered(edit: str) -> bytes:
         ("digest", "31 bytes, not 32"),
         ("kwargs", "not a JSON object"),
         ("empty_ref", "exactly one of name"),
+        ("twice", "classes must be distinct, non-empty names"),
+        ("blank", "classes must be distinct, non-empty names"),
     ],
 )
 def test_inconsistent_model_fields_are_decode_errors(edit: str, message: str) -> None:
