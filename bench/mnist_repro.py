@@ -7,17 +7,30 @@ rounds) and PruneFL. The global model is evaluated on the 10,000 MNIST test imag
 ``--eval-every`` rounds. Every update goes through the real device agent, the codec and the
 runner over the in-memory broker, so the byte counts are encoded bytes.
 
-Each method runs in its own process with its own store under ``--work``; an interrupted
+Variants (issue 18): ``--upload-values`` / ``--download-values`` (fp32, fp16, bf16, int8, int4:
+the value precision per direction, the strategies' ``upload_values`` / ``download_values``),
+``--density`` (FedDST's kept fraction; default the paper's 0.2), ``--partition`` (``shards``: the
+paper's 2 classes x 20 images per client; ``iid`` or ``dirichlet:ALPHA``: all 60,000 training
+images split uniformly or label-skewed) and ``--split-seed`` (the partition's seed; default
+``--seed``). A run is named by its *label*: the method, then what differs from the paper's
+setting, e.g. ``feddst_int8-int8`` or ``feddst_int8-int8_d0.1_split1``.
+
+Each label runs in its own process with its own store under ``--work/LABEL``; an interrupted
 benchmark resumes where it stopped (the runner resumes runs from the store). Outputs in ``--out``:
-one CSV per method (``round, accuracy, loss, upload_bytes, download_bytes, density,
-modelled_time_s``; bytes and modelled time cumulative), ``mnist_repro.png`` (accuracy against
-rounds and against cumulative uploaded MB) and ``summary.md`` (table and the issue's targets).
+one CSV per label (``COLUMNS``: the label's settings, then ``round, accuracy, loss, upload_bytes,
+download_bytes, density, modelled_time_s``; bytes and modelled time cumulative),
+``mnist_repro.png`` (accuracy against rounds, and against cumulative uploaded MB on a log axis,
+for every CSV in ``--out`` and in each ``--compare`` folder) and ``summary.md`` (table and the
+issues' targets).
 
 The modelled time is PruneFL's round-time model ``T = c0 + sum_l c_l nnz_l`` with one cost model
 for all methods (the FLOP model of ``fleet.strategies.prunefl``, as the simulated devices report no
 profile), summed over rounds.
 
     python bench/mnist_repro.py --rounds 400 --out docs/results/mnist_repro --work /tmp/repro
+    python bench/mnist_repro.py --methods feddst --upload-values int8 --download-values int8 \
+        --out docs/results/mnist_quant --work docs/results/mnist_quant/work \
+        --compare docs/results/mnist_repro
 """
 
 from __future__ import annotations
@@ -38,7 +51,10 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = REPO.parent / "shared" / "data" / "mnist"
 METHODS = ("fedavg", "fedavgm", "feddst", "prunefl")
+PRECISIONS = ("fp32", "fp16", "bf16", "int8", "int4")
+SETTINGS = ("label", "method", "upload_values", "download_values", "partition", "split_seed")
 COLUMNS = (
+    *SETTINGS,
     "round",
     "accuracy",
     "loss",
@@ -59,12 +75,51 @@ def training(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+def label(method: str, args: argparse.Namespace) -> str:
+    """The run's name: the method, then what differs from the paper's setting (fp32 both ways,
+    density 0.2, shards, split seed = seed); the plain method name is the paper's setting."""
+    parts = [method]
+    if (args.upload_values, args.download_values) != ("fp32", "fp32"):
+        parts.append(f"{args.upload_values}-{args.download_values}")
+    if method == "feddst" and args.density != 0.2:
+        parts.append(f"d{args.density:g}")
+    if args.partition != "shards":
+        parts.append(args.partition.replace(":", ""))
+    if args.split_seed != args.seed:
+        parts.append(f"split{args.split_seed}")
+    return "_".join(parts)
+
+
+def partition(args: argparse.Namespace) -> tuple[str, dict[str, Any]]:
+    """SimSpec's partition name and options for ``--partition``."""
+    if args.partition == "shards":
+        return "shards", {"classes_per_client": 2, "per_class": 20}
+    if args.partition == "iid":
+        return "iid", {}
+    name, _, alpha = args.partition.partition(":")
+    if name == "dirichlet":
+        try:
+            beta = float(alpha)
+        except ValueError:
+            beta = math.nan
+        if beta > 0:
+            return "dirichlet", {"beta": beta}
+    raise ValueError(
+        f"--partition {args.partition!r}: expected shards, iid or dirichlet:ALPHA (ALPHA > 0)"
+    )
+
+
 def strategy_options(method: str, args: argparse.Namespace) -> dict[str, Any]:
-    common: dict[str, Any] = {"clients_per_round": args.per_round, "training": training(args)}
+    common: dict[str, Any] = {
+        "clients_per_round": args.per_round,
+        "training": training(args),
+        "upload_values": args.upload_values,
+        "download_values": args.download_values,
+    }
     if method == "feddst":
         return {
             **common,
-            "density": 0.2,
+            "density": args.density,
             "alpha": 0.05,
             "readjust_every": 10,
             "total_rounds": args.rounds,
@@ -82,9 +137,11 @@ def run_method(method: str, args: argparse.Namespace) -> None:
     from fleet.sim import SimSpec, simulate
 
     torch.set_num_threads(1)
-    logging.basicConfig(level=logging.WARNING, format=f"{method}: %(levelname)s %(message)s")
+    name = label(method, args)
+    logging.basicConfig(level=logging.WARNING, format=f"{name}: %(levelname)s %(message)s")
+    split, split_options = partition(args)
     run = RunSpec(
-        run_id=f"mnist-{method}",
+        run_id=f"mnist-{name}",
         model_name="mnist_cnn",
         strategy=method,
         rounds=args.rounds,
@@ -99,9 +156,9 @@ def run_method(method: str, args: argparse.Namespace) -> None:
         devices=args.clients,
         dataset="mnist",
         data_dir=args.data_dir,
-        partition="shards",
-        partition_options={"classes_per_client": 2, "per_class": 20},
-        seed=args.seed,
+        partition=split,
+        partition_options=split_options,
+        seed=args.split_seed,
     )
     start = time.time()
 
@@ -110,15 +167,15 @@ def run_method(method: str, args: argparse.Namespace) -> None:
             report = payload["report"]
             if "accuracy" in report.metrics:
                 print(
-                    f"{method}: round {report.round} accuracy {report.metrics['accuracy']:.4f} "
+                    f"{name}: round {report.round} accuracy {report.metrics['accuracy']:.4f} "
                     f"density {report.density:.3f} ({time.time() - start:.0f} s)",
                     flush=True,
                 )
 
-    simulate(run, sim, args.work / method, on_progress=progress)
+    simulate(run, sim, args.work / name, on_progress=progress)
 
 
-def export(method: str, args: argparse.Namespace) -> list[dict[str, float]]:
+def export(method: str, args: argparse.Namespace) -> list[dict[str, Any]]:
     """CSV rows of a method from its store (works for a finished or a partial run)."""
     from device.models import create_model, prunable_names
     from device.wire.messages import LocalTraining
@@ -126,7 +183,8 @@ def export(method: str, args: argparse.Namespace) -> list[dict[str, float]]:
     from fleet.strategies.base import GlobalModel
     from fleet.strategies.prunefl import PruneFLOptions, cost_model
 
-    store_dir = args.work / method
+    name = label(method, args)
+    store_dir = args.work / name
     if not (store_dir / "fleet.db").exists():
         return []
     module = create_model("mnist_cnn")
@@ -134,11 +192,11 @@ def export(method: str, args: argparse.Namespace) -> list[dict[str, float]]:
     pruned = prunable_names(module)
     options = PruneFLOptions(training=LocalTraining(**training(args)))
     cost = cost_model([(None, 40)], shapes, pruned, options)
-    rows: list[dict[str, float]] = []
+    rows: list[dict[str, Any]] = []
     up = down = 0
     modelled = 0.0
     with Store(store_dir, create=False) as store:
-        run_id = f"mnist-{method}"
+        run_id = f"mnist-{name}"
         for record in store.rounds(run_id):
             if record.status != "closed":
                 continue
@@ -157,6 +215,12 @@ def export(method: str, args: argparse.Namespace) -> list[dict[str, float]]:
                 continue
             rows.append(
                 {
+                    "label": name,
+                    "method": method,
+                    "upload_values": args.upload_values,
+                    "download_values": args.download_values,
+                    "partition": args.partition,
+                    "split_seed": args.split_seed,
                     "round": record.round,
                     "accuracy": float(metrics["accuracy"]),
                     "loss": float(metrics["loss"]),
@@ -166,7 +230,7 @@ def export(method: str, args: argparse.Namespace) -> list[dict[str, float]]:
                     "modelled_time_s": modelled,
                 }
             )
-    with open(args.out / f"{method}.csv", "w", newline="") as f:
+    with open(args.out / f"{name}.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=COLUMNS)
         writer.writeheader()
         for row in rows:
@@ -174,7 +238,7 @@ def export(method: str, args: argparse.Namespace) -> list[dict[str, float]]:
     return rows
 
 
-def accuracy_at_upload(rows: list[dict[str, float]], cap: float) -> float:
+def accuracy_at_upload(rows: list[dict[str, Any]], cap: float) -> float:
     """Accuracy at cumulative upload ``cap`` bytes, interpolated between evaluation points."""
     xs = np.array([r["upload_bytes"] for r in rows])
     ys = np.array([r["accuracy"] for r in rows])
@@ -183,14 +247,14 @@ def accuracy_at_upload(rows: list[dict[str, float]], cap: float) -> float:
     return float(np.interp(cap, xs, ys))
 
 
-def first_reaching(rows: list[dict[str, float]], accuracy: float, key: str) -> float:
+def first_reaching(rows: list[dict[str, Any]], accuracy: float, key: str) -> float:
     for row in rows:
         if row["accuracy"] >= accuracy:
-            return row[key]
+            return float(row[key])
     return math.nan
 
 
-def summarise(results: dict[str, list[dict[str, float]]], args: argparse.Namespace) -> str:
+def summarise(results: dict[str, list[dict[str, Any]]], args: argparse.Namespace) -> str:
     lines = [
         "| method | rounds | final accuracy | upload (MB) | download (MB) | final density |"
         " modelled time to 90% (s) |",
@@ -206,6 +270,8 @@ def summarise(results: dict[str, list[dict[str, float]]], args: argparse.Namespa
             f"{last['upload_bytes'] / 1e6:.1f} | {last['download_bytes'] / 1e6:.1f} | "
             f"{last['density']:.3f} | {t90:.1f} |"
         )
+    lines.append("")
+    lines.extend(quantised_targets(results, args))
     lines.append("")
     lines.append("Targets (issue 4):")
     fd, fa, fm, pf = (
@@ -241,7 +307,72 @@ def summarise(results: dict[str, list[dict[str, float]]], args: argparse.Namespa
     return "\n".join(lines) + "\n"
 
 
-def plot(results: dict[str, list[dict[str, float]]], path: Path) -> None:
+def quantised_targets(
+    results: dict[str, list[dict[str, Any]]], args: argparse.Namespace
+) -> list[str]:
+    """Issue 18's targets for every FedDST run with a lossy precision: final accuracy >= 97.5%
+    (97.0% on another split seed) with upload <= 0.32 GB and download <= 0.65 GB, and no more
+    than 0.5 points below fp32 FedDST on the same split (from ``--out`` or ``--compare``)."""
+    lines = ["Targets (issue 18):"]
+    reference = {**compared(args), **results}
+    for name, rows in results.items():
+        if not rows or rows[0]["method"] != "feddst":
+            continue
+        if (rows[0]["upload_values"], rows[0]["download_values"]) == ("fp32", "fp32"):
+            continue
+        last = rows[-1]
+        other_split = int(rows[0]["split_seed"]) != args.seed
+        floor = 0.970 if other_split else 0.975
+        ok = (
+            last["accuracy"] >= floor
+            and last["upload_bytes"] <= 0.32e9
+            and last["download_bytes"] <= 0.65e9
+        )
+        lines.append(
+            f"- {name} round {int(last['round'])}: accuracy {last['accuracy']:.4f} (>= {floor}), "
+            f"upload {last['upload_bytes'] / 1e9:.3f} GB (<= 0.32), download "
+            f"{last['download_bytes'] / 1e9:.3f} GB (<= 0.65): {'met' if ok else 'missed'}"
+        )
+        base_name = "_".join(["feddst", *name.split("_")[2:]])
+        base = reference.get(base_name, [])
+        at = [r for r in base if int(r["round"]) == int(last["round"])]
+        if at:
+            gap = 100 * (last["accuracy"] - at[0]["accuracy"])
+            lines.append(
+                f"- {name} vs fp32 {base_name} at round {int(last['round'])}: {gap:+.2f} points "
+                f"(target >= -0.5): {'met' if gap >= -0.5 else 'missed'}"
+            )
+    return lines
+
+
+def read_csv(path: Path) -> list[dict[str, Any]]:
+    """A CSV this benchmark wrote (older ones, without the settings columns, are fp32 shards)."""
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    out: list[dict[str, Any]] = []
+    for row in rows:
+        item: dict[str, Any] = {"label": path.stem, "method": path.stem.split("_")[0]}
+        item.update({"upload_values": "fp32", "download_values": "fp32", "split_seed": 0})
+        for key, value in row.items():
+            item[key] = (
+                value
+                if key in ("label", "method", "upload_values", "download_values", "partition")
+                else float(value)
+            )
+        out.append(item)
+    return out
+
+
+def compared(args: argparse.Namespace) -> dict[str, list[dict[str, Any]]]:
+    """The results in the ``--compare`` folders, by label."""
+    found: dict[str, list[dict[str, Any]]] = {}
+    for folder in args.compare:
+        for path in sorted(Path(folder).glob("*.csv")):
+            found.setdefault(path.stem, read_csv(path))
+    return found
+
+
+def plot(results: dict[str, list[dict[str, Any]]], path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -256,11 +387,12 @@ def plot(results: dict[str, list[dict[str, float]]], path: Path) -> None:
             [r["upload_bytes"] / 1e6 for r in rows], [r["accuracy"] for r in rows], label=method
         )
     ax1.set_xlabel("round")
-    ax2.set_xlabel("cumulative upload (MB)")
+    ax2.set_xlabel("cumulative upload (MB, log scale)")
+    ax2.set_xscale("log")
     for ax in (ax1, ax2):
         ax.set_ylabel("test accuracy")
         ax.grid(alpha=0.3)
-        ax.legend()
+        ax.legend(fontsize=7)
     fig.suptitle("MNIST, 400 clients x 2 classes, 20 per round (FedDST setting)")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -277,6 +409,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--eval-every", type=int, default=10)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--jobs", type=int, default=2, help="methods run in parallel")
+    parser.add_argument("--upload-values", choices=PRECISIONS, default="fp32")
+    parser.add_argument("--download-values", choices=PRECISIONS, default="fp32")
+    parser.add_argument("--density", type=float, default=0.2, help="FedDST's kept fraction")
+    parser.add_argument("--partition", default="shards", help="shards, iid or dirichlet:ALPHA")
+    parser.add_argument("--split-seed", type=int, default=None, help="default: --seed")
+    parser.add_argument(
+        "--compare", type=Path, action="append", default=[], help="more results folders to plot"
+    )
     parser.add_argument(
         "--data-dir", type=Path, default=DEFAULT_DATA if DEFAULT_DATA.exists() else None
     )
@@ -286,6 +426,14 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.data_dir is None:
         parser.error("MNIST not found: pass --data-dir DIR (IDX files, see docs/data.md)")
+    if args.split_seed is None:
+        args.split_seed = args.seed
+    try:
+        partition(args)
+    except ValueError as exc:
+        parser.error(str(exc))
+    if not 0.0 < args.density <= 1.0:
+        parser.error(f"--density must be a kept fraction in (0, 1], got {args.density}")
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     unknown = sorted(set(methods) - set(METHODS))
     if unknown:
@@ -307,8 +455,9 @@ def main(argv: list[str] | None = None) -> int:
                 running.remove(proc)
                 if proc.exitcode != 0:
                     print(f"{proc.name} exited with {proc.exitcode}", file=sys.stderr)
-    results = {m: export(m, args) for m in methods}
-    plot(results, args.out / "mnist_repro.png")
+    results = {label(m, args): export(m, args) for m in methods}
+    everything = {**compared(args), **{p.stem: read_csv(p) for p in args.out.glob("*.csv")}}
+    plot({**everything, **results}, args.out / "mnist_repro.png")
     summary = summarise(results, args)
     command = "python bench/mnist_repro.py " + " ".join(sys.argv[1:] if argv is None else argv)
     (args.out / "summary.md").write_text(

@@ -241,4 +241,11 @@ def decode_values(data: bytes, key: str, nnz: int, scale: float, where: str) -> 
         raise TensorDecodeError(
             f"{where}: {key} value {-qmax - 1} is outside [-{qmax}, {qmax}]", reason="bad_values"
         )
+    if scale == 0.0 and q.size and q.any():
+        # The encoder sends scale 0 only with all-zero codes; otherwise the codes would be
+        # silently erased, so the sender is broken or lying.
+        raise TensorDecodeError(
+            f"{where}: {key} scale is 0 but {int(np.count_nonzero(q))} codes are non-zero",
+            reason="bad_scale",
+        )
     return np.multiply(q, np.float32(scale), dtype=np.float32)
