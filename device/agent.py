@@ -26,6 +26,7 @@ from device import __version__
 from device.data import Dataset
 from device.deploy import Deployer, DeployOptions
 from device.errors import DataError, DecodeError, SparseFleetError
+from device.feedback import ErrorFeedback
 from device.job import (
     job_seed,
     kernel_plan_for,
@@ -79,6 +80,7 @@ class AgentOptions:
     # announce none (the fleet manager then assumes the built-ins, as for an older agent).
     models: tuple[ModelOffer, ...] = ()
     deploy: DeployOptions | None = None  # model deployments (device.deploy); None: not followed
+    hardware: Hardware | None = None  # what the birth reports; None: this machine's (simulations)
 
 
 @dataclass
@@ -103,6 +105,26 @@ def hardware() -> Hardware:
         python_version=platform.python_version(),
         torch_version=torch.__version__,
     )
+
+
+def refusal_for(
+    payload: bytes, exc: DecodeError, device_id: str
+) -> tuple[str, int, str, JobEvent] | None:
+    """(run id, round, correlation id, REJECTED event) answering a command this build cannot
+    decode (an unknown value precision, say), so that the round goes on without the device
+    instead of waiting for its deadline; None when not even its routing fields can be read or
+    it is no command for ``device_id``."""
+    try:
+        head = envelope.peek(payload)
+    except DecodeError:
+        return None
+    if not head.kind.endswith("_command") or not head.run_id:
+        return None
+    if head.device_id and head.device_id != device_id:
+        return None
+    reason = f"cannot decode the {head.kind}: {exc}"
+    event = JobEvent(state=JobState.REJECTED, reason=reason, timestamp_unix_s=time.time())
+    return head.run_id, head.round, f"{head.run_id}/{head.round}/{device_id}", event
 
 
 class DeviceAgent:
@@ -130,6 +152,7 @@ class DeviceAgent:
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
         self.uploaded_bytes = 0
+        self.feedback = ErrorFeedback()  # quantisation residuals per run, in memory only
         self._counts = DataCounts(options.dataset_size, options.eval_examples)
         self._architecture = ArchitectureCheck()  # refuses a snapshot this device builds otherwise
         self.deployer = (
@@ -152,7 +175,7 @@ class DeviceAgent:
             online=online,
             session_epoch=self.epoch if epoch is None else epoch,
             agent_version=__version__,
-            hardware=hardware(),
+            hardware=self.options.hardware or hardware(),
             dataset_size=self._counts.train,
             eval_examples=self._counts.evaluation,
             profile=self.options.profile,
@@ -267,7 +290,13 @@ class DeviceAgent:
             # and would be replayed at every reconnect.
             log.warning("%s: retained message on %s ignored", self.device_id, message.topic)
             return
-        env = envelope.decode(message.payload)
+        try:
+            env = envelope.decode(message.payload)
+        except DecodeError as exc:
+            refusal = refusal_for(message.payload, exc, self.device_id)
+            if refusal is not None:
+                self._publish_event(*refusal)
+            raise
         if env.device_id and env.device_id != self.device_id:
             log.warning("%s: command addressed to %r ignored", self.device_id, env.device_id)
             return
@@ -362,7 +391,7 @@ class DeviceAgent:
         if refusal is not None:
             self._event_for(job, JobState.REJECTED, refusal)
             return
-        data, counts = data_for_job(self.data_source, command)  # DataError: the job fails
+        data, counts = data_for_job(self.data_source, command, snapshot.classes)  # DataError: fails
         if counts is not None:
             self._report_counts(counts)
         if isinstance(command, EvaluateCommand):
@@ -385,6 +414,7 @@ class DeviceAgent:
             name: KnownMask(version=snapshot.mask_version, mask=mask)
             for name, mask in snapshot.masks.items()
         }
+        update = self.feedback.apply(job.run_id, job.round, update, command.upload_dtype)
         self._upload(job, update, book=book, dtype=command.upload_dtype)
 
     def _refresh_status(self) -> None:

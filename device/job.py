@@ -21,6 +21,7 @@ from device.model_id import check_model, snapshot_ref
 from device.models import empty_model
 from device.prune_init import initial_prune
 from device.seeding import derive_seed
+from device.sparse.nested import nested_masks
 from device.trainer import RoundResult, evaluate, train_round
 from device.wire.codec import SparseTensor, model_digest
 from device.wire.messages import (
@@ -135,6 +136,13 @@ def run_round_job(
 ) -> DeviceUpdate:
     """Train the snapshot's sparse subnetwork on ``data`` as ``command`` says; return the update."""
     model, masks = load_model(snapshot)
+    if command.density_budget > 0.0:
+        # A density budget: train the nested subnetwork of the global mask (the largest
+        # magnitudes of each layer's kept weights, device.sparse.nested). The deltas are still
+        # taken against the snapshot, so the fleet manager adds them to the global weights.
+        masks = snapshot_tensors(
+            nested_masks(snapshot.weights, snapshot.masks, command.density_budget)
+        )
     # The snapshot is the round's start (and FedProx's reference): the trainer copies nothing.
     held = snapshot_tensors(snapshot.weights)
     start = time.perf_counter()
@@ -195,6 +203,7 @@ def run_initial_prune_job(
         masks=mask_arrays,
         model_ref=snapshot.model_ref,
         architecture_digest=snapshot.architecture_digest,
+        classes=snapshot.classes,
     )
     return InitialPruneResult(
         model=pruned, reconfigs=len(history) - 1, densities=tuple(history[1:]), train_s=train_s

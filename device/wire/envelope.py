@@ -126,6 +126,17 @@ def _enum_from_pb(table: Mapping[_E, int], value: int, field: str) -> _E:
     raise EnvelopeDecodeError(f"{field}: unknown enum value {value}", reason="bad_enum")
 
 
+def _precision(value: int, field: str) -> m.ValueDType:
+    """A value precision (``ValueDType``) field; an unknown number is refused by name."""
+    for member, number in _DTYPES.items():
+        if number == value:
+            return member
+    known = ", ".join(member.value for member in _DTYPES)
+    raise EnvelopeDecodeError(
+        f"{field}: unknown value precision {value} (known: {known})", reason="bad_precision"
+    )
+
+
 def _f32(x: float) -> float:
     """A float32 field's value as the shortest decimal that rounds to the same float32."""
     return float(str(np.float32(x)))
@@ -214,6 +225,7 @@ def _snapshot_chunks(s: m.ModelSnapshot, out: _Out) -> list[Chunk]:
     if s.model_ref is not None:
         model_pb.put_ref(head.model_ref, s.model_ref)
     head.architecture_digest = s.architecture_digest
+    head.classes.extend(s.classes)
     head.pruned.extend(name for name in s.weights if name in s.masks)
     chunks: list[Chunk] = [head.SerializeToString()]
     for name, weight in s.weights.items():
@@ -261,6 +273,11 @@ def _get_snapshot(msg: pb.ModelSnapshot, where: str) -> m.ModelSnapshot:
             f"{where}.model_name {msg.model_name!r} is not its model_ref {ref.text!r}",
             reason="bad_field",
         )
+    classes = tuple(_items(msg.classes, f"{where}.classes"))
+    if len(set(classes)) != len(classes) or "" in classes:
+        raise EnvelopeDecodeError(
+            f"{where}.classes must be distinct, non-empty names", reason="bad_field"
+        )
     return m.ModelSnapshot(
         model_name=msg.model_name,
         version=msg.version,
@@ -272,6 +289,7 @@ def _get_snapshot(msg: pb.ModelSnapshot, where: str) -> m.ModelSnapshot:
         architecture_digest=model_pb.get_digest(
             msg.architecture_digest, f"{where}.architecture_digest"
         ),
+        classes=classes,
     )
 
 
@@ -382,6 +400,8 @@ def _put_body(env: pb.Envelope, body: m.Body) -> None:
         rc.upload_dtype = _DTYPES[body.upload_dtype]
         rc.deadline_unix_s = body.deadline_unix_s
         rc.partition = body.partition
+        rc.download_dtype = _DTYPES[body.download_dtype]
+        rc.density_budget = body.density_budget
     elif isinstance(body, m.InitialPruneCommand):
         ic = env.initial_prune_command
         ic.model_version = body.model_version
@@ -476,9 +496,14 @@ def _get_body(env: pb.Envelope, kind: str, book_for: BookFor | None) -> m.Body:
             training=_get_training(rc.training),
             readjust=readjust,
             report_importance=rc.report_importance,
-            upload_dtype=_enum_from_pb(_DTYPES, rc.upload_dtype, "round_command.upload_dtype"),
+            upload_dtype=_precision(rc.upload_dtype, "round_command.upload_dtype"),
             deadline_unix_s=rc.deadline_unix_s,
             partition=rc.partition,
+            # UNSPECIFIED: a sender from before the field existed, whose snapshots are fp32.
+            download_dtype=_precision(
+                rc.download_dtype or _DTYPES[m.ValueDType.FP32], "round_command.download_dtype"
+            ),
+            density_budget=_f32(rc.density_budget),
         )
     if kind == "initial_prune_command":
         ic = env.initial_prune_command

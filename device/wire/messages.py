@@ -100,6 +100,11 @@ class RoundCommand:
     upload_dtype: ValueDType = ValueDType.FP32
     deadline_unix_s: float = 0.0
     partition: str = ""  # simulation only
+    # The precision of the model values in this round's snapshot (the device needs no setting).
+    download_dtype: ValueDType = ValueDType.FP32
+    # Kept fraction of the pruned tensors this device trains: a nested subset of the global mask
+    # (device.sparse.nested); 0.0 = the whole global mask (no budget).
+    density_budget: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -144,7 +149,8 @@ class ModelSnapshot:
     ``digest`` is ``codec.model_digest(weights, masks)``. ``model_name`` is the text of the
     model's reference (``device.model_ref``); ``model_ref`` is the reference itself (None from
     an older sender: read ``model_name``) and ``architecture_digest`` the digest of the run's
-    build of it (``device.model_id``; empty: not checked).
+    build of it (``device.model_id``; empty: not checked). ``classes`` is the run's label space
+    in order (class ``i`` is logit ``i``; distinct names; empty: the run declares none).
     """
 
     model_name: str
@@ -155,6 +161,7 @@ class ModelSnapshot:
     masks: Mapping[str, BoolArray]
     model_ref: ModelRef | None = None
     architecture_digest: bytes = b""
+    classes: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)

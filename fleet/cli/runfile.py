@@ -15,12 +15,22 @@ A run file has up to four sections (only ``run`` is required)::
       options: {density: 0.2}   # the strategy's own options (its *Options dataclass)
       evaluate: {every: 5, fraction: 0.5, min_devices: 3, timeout_s: 60}  # optional:
                                 # federated evaluation on the devices (fleet.runtime.evaluation)
+      classes: [cat, dog]       # optional: the label space, in order (class i is logit i),
+                                # sent to the devices with the model
+      budgets: auto             # optional: per-device density budgets, none | auto |
+                                # {tag: density} (docs/heterogeneity.md)
+      mode: async               # optional: buffered asynchronous rounds (FedBuff); rounds then
+      async_options: {concurrency: 20, buffer: 10, max_staleness: 4, job_timeout_s: 120}
+                                # count aggregations (docs/algorithms.md)
     data:         # evaluation data of the fleet manager, and the simulated devices' data
       dataset: mnist            # or a local format: imagefolder, csv, npz, python, with
       data_dir: ../data/mnist   # classes and options (fleet.cli.rundata); relative to the file
       partition: shards
     simulation:   # only for `fleet simulate`
       devices: 20
+      classes:                  # optional: a mixed fleet (fleet.sim.fleet_classes)
+        - {name: pi-zero-2w, share: 0.5, speed: 0.15, memory_mb: 512, dropout: 0.05}
+        - {name: pi4, share: 0.5, speed: 0.6, memory_mb: 4096}
     broker:       # only for `fleet run start` (the CLI's --broker overrides url)
       url: mqtts://broker.example.org
 
@@ -50,10 +60,13 @@ from device.wire.messages import LocalTraining
 from device.wire.mqtt import TlsSettings, parse_broker_url
 from device.wire.topics import validate_prefix
 from fleet.cli.rundata import DataConfig
+from fleet.runtime.async_options import AsyncOptions
 from fleet.runtime.runner import RunSpec
-from fleet.runtime.spec import FederatedEvaluation
+from fleet.runtime.spec import FederatedEvaluation, classes_problem
 from fleet.sim import Faults, SimSpec
+from fleet.sim.fleet_classes import DeviceClass, coerce_classes
 from fleet.strategies import create_strategy, strategy_names
+from fleet.strategies.budgets import BudgetPolicy
 
 __all__ = [
     "RUN_ID_PATTERN",
@@ -69,6 +82,7 @@ __all__ = [
     "dense_baseline",
     "describe",
     "load_config",
+    "run_classes",
     "run_spec",
     "sim_spec",
     "strategy_options",
@@ -118,7 +132,9 @@ class RunConfig:
     ``prunable``: regular expressions of the parameters to prune (``re.fullmatch``; default:
     every Linear and Conv weight). ``evaluate``: federated evaluation on the devices
     (``fleet.runtime.spec.FederatedEvaluation``: ``every``, ``fraction``, ``min_devices``,
-    ``timeout_s``); absent: none.
+    ``timeout_s``); absent: none. ``classes``: the run's class names in order (class ``i`` is
+    logit ``i``), sent to the devices with the model (default: the data section's ``classes``
+    where it has them).
     """
 
     model: str | ModelRef
@@ -139,9 +155,17 @@ class RunConfig:
     max_update_bytes: int = 256 * 1024 * 1024
     prunable: tuple[str, ...] = ()
     evaluate: FederatedEvaluation | None = None
+    classes: tuple[str, ...] = ()
+    budgets: str | dict[str, float] = "none"  # none | auto | {tag: density} (docs/heterogeneity.md)
+    mode: Literal["sync", "async"] = "sync"  # async: buffered asynchronous rounds (FedBuff)
+    async_options: AsyncOptions | None = None  # C, B, max staleness, job timeout
 
     def __post_init__(self) -> None:
         # ValueError: the loader turns it into "file:line: run: <message>".
+        try:
+            BudgetPolicy.parse(self.budgets)
+        except ConfigError as exc:
+            raise SettingError("budgets", str(exc)) from None
         try:
             ref = ModelRef.of(self.model)
         except ValueError as exc:
@@ -200,8 +224,10 @@ class SimConfig:
     torch_threads: int = 1
     seed: int = 0
     faults: Faults = field(default_factory=Faults)
+    classes: tuple[DeviceClass, ...] = ()  # a mixed fleet (fleet.sim.fleet_classes)
 
     def __post_init__(self) -> None:
+        coerce_classes(self.classes)  # distinct names, shares summing to 1 (ValueError)
         for name, value in (
             ("devices", self.devices),
             ("processes", self.processes),
@@ -337,7 +363,36 @@ def load_config(path: str | Path) -> FleetConfig:
     except (ConfigError, ValueError, TypeError) as exc:
         raise _located(path, "run.options", str(exc)) from None
     check_model(config, path)
+    check_classes(config, path)
     return config
+
+
+def run_classes(config: FleetConfig) -> tuple[str, ...]:
+    """The run's label space: ``run.classes``, else the local data section's ``classes``
+    (empty: not declared)."""
+    if config.run.classes:
+        return tuple(config.run.classes)
+    if config.data is not None and config.data.classes:
+        return tuple(config.data.classes)
+    return ()
+
+
+def check_classes(config: FleetConfig, path: Path) -> None:
+    """``run.classes`` is a label space with as many names as the model has outputs, and the
+    data section (a local format's ``classes``) agrees with it; ``ConfigError`` otherwise."""
+    run, data = config.run, config.data
+    spec = find_model_spec(run.model_ref)
+    num_classes = run.model_ref.num_classes or (spec.num_classes if spec is not None else None)
+    problem = classes_problem(run_classes(config), num_classes)
+    if problem is not None:
+        raise _located(path, "run.classes" if run.classes else "data.classes", problem)
+    if run.classes and data is not None and data.classes and data.classes != run.classes:
+        raise _located(
+            path,
+            "data.classes",
+            f"{list(data.classes)} differ from run.classes {list(run.classes)}: the same names "
+            "in the same order, or leave one of them out",
+        )
 
 
 def check_model(config: FleetConfig, path: Path) -> None:
@@ -408,6 +463,10 @@ def run_spec(config: FleetConfig, run_id: str) -> RunSpec:
         max_update_bytes=run.max_update_bytes,
         init_seed=run.init_seed,
         evaluate=run.evaluate,
+        classes=run_classes(config),
+        budgets=run.budgets,
+        mode=run.mode,
+        async_options=run.async_options,
     )
 
 
@@ -428,6 +487,7 @@ def sim_spec(config: FleetConfig, *, devices: int | None = None) -> SimSpec:
         data_options=data.loader_options(),
         seed=sim.seed,
         faults=sim.faults,
+        classes=sim.classes,
         processes=sim.processes,
         torch_threads=sim.torch_threads,
     )

@@ -19,17 +19,24 @@ from fleet.state.store import RunStatus, Store
 
 def job_states(store: Store) -> dict[str, str]:
     """Each device's current job, from the store: in the open round of a running run it is
-    "training rN" until its update is stored, then "uploaded rN" (job events themselves are not
+    "training rN" until its update is stored, then "uploaded rN @ density D" (the density it
+    trained at, when recorded; job events themselves are not
     stored; a device that reported failure shows in the failures column)."""
     jobs: dict[str, str] = {}
     for run in store.list_runs(status=RunStatus.RUNNING):
         open_round = store.find_open_round(run.run_id)
         if open_round is None:
             continue
-        answered = {u.device_id for u in store.updates_for_round(run.run_id, open_round.round)}
+        answered = {u.device_id: u for u in store.updates_for_round(run.run_id, open_round.round)}
         for device_id in open_round.selected:
-            state = "uploaded" if device_id in answered else "training"
-            jobs[device_id] = f"{state} r{open_round.round}"
+            update = answered.get(device_id)
+            if update is None:
+                jobs[device_id] = f"training r{open_round.round}"
+                continue
+            # The density it trained at (per-device budgets: docs/heterogeneity.md).
+            density = update.meta.get("density")
+            at = f" @ density {density:.3f}" if isinstance(density, int | float) else ""
+            jobs[device_id] = f"uploaded r{open_round.round}{at}"
     return jobs
 
 

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from fleet.report.device_density import device_density_lines
 from fleet.report.plots import build_figures
 from fleet.report.series import MB, RunSeries, load_series
 from fleet.state.store import Store
@@ -147,5 +148,6 @@ def write_report(store: Store, run_ids: Sequence[str], out_dir: str | Path) -> R
         fig.savefig(path, dpi=110)
         paths.append(path)
     report = out / "report.md"
-    report.write_text(markdown(series, list(figures)), encoding="utf-8")
+    text = "\n".join([markdown(series, list(figures)), *device_density_lines(store, run_ids)])
+    report.write_text(text, encoding="utf-8")
     return ReportFiles(markdown=report, figures=tuple(paths))

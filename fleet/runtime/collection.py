@@ -17,6 +17,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from device.wire.messages import Readjust
 from device.wire.transport import Message, Transport
 from fleet.runtime.spec import ClosedBy, ProgressCallback, RunSpec
 from fleet.state.store import Store, StoreConflictError, UpdateRecord
@@ -48,6 +49,10 @@ class RoundState:
     rejected: int = 0
     upload_bytes: int = 0
     download_bytes: int = 0
+    # Per-device density budgets of this round (fleet.runtime.budget_plan; absent: none) and
+    # the round's FedDST readjustment, which the budget check needs.
+    budgets: dict[str, float] = field(default_factory=dict)
+    readjust: Readjust | None = None
 
     @property
     def count(self) -> int:

@@ -18,6 +18,7 @@ from device.wire.messages import (
     InitialPruneCommand,
     ModelSnapshot,
     RoundCommand,
+    ValueDType,
 )
 from device.wire.topics import Topics
 from device.wire.transport import Transport, Will
@@ -28,7 +29,9 @@ class Commands:
     """The runner's outgoing messages for one run.
 
     ``snapshot_bytes`` is the size of the last model snapshot published (bytes), counted as
-    download traffic of every device commanded to train on it.
+    download traffic of every device commanded to train on it. ``download_dtype`` is the value
+    precision snapshots are published in (the strategy's ``download_values``; the runner sets it
+    from each round's config).
     """
 
     def __init__(
@@ -48,7 +51,8 @@ class Commands:
         self.partition_for = partition_for
         self.clock = clock
         self.snapshot_bytes = 0
-        self._published_version: int | None = None
+        self.download_dtype = ValueDType.FP32
+        self._published: tuple[int, ValueDType] | None = None  # (version, precision)
 
     def will(self) -> Will:
         """The last will: the fleet status "offline", retained, should the connection drop."""
@@ -59,7 +63,7 @@ class Commands:
         """Publish the current model retained on the run's model topic, once per version."""
         model = self.current.model
         assert model is not None
-        if self._published_version == model.version:
+        if self._published == (model.version, self.download_dtype):
             return
         snapshot = ModelSnapshot(
             model_name=model.model_name,
@@ -70,11 +74,14 @@ class Commands:
             masks=model.masks,
             model_ref=self.current.spec.model,
             architecture_digest=self.current.architecture_digest,
+            classes=self.current.spec.classes,
         )
-        payload = envelope.encode(Envelope(body=snapshot, run_id=self.run_id))
+        payload = envelope.encode(
+            Envelope(body=snapshot, run_id=self.run_id), dtype=self.download_dtype
+        )
         self.transport.publish(self.topics.run_model(self.run_id), payload, qos=1, retain=True)
         self.snapshot_bytes = len(payload)
-        self._published_version = model.version
+        self._published = (model.version, self.download_dtype)
 
     def send(
         self, device_id: str, round_: int, body: RoundCommand | CancelCommand | InitialPruneCommand

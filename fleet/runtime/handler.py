@@ -28,6 +28,7 @@ from fleet.runtime.collection import RoundState
 from fleet.runtime.spec import ProgressCallback, RunSpec
 from fleet.state.store import Store
 from fleet.strategies.base import ClientResult, Strategy
+from fleet.strategies.nested import check_budgeted, trained_density
 from fleet.strategies.validate import Expectation, check_routing, reconstruct
 
 log = logging.getLogger("fleet.runtime.runner")
@@ -235,7 +236,8 @@ class MessageHandler:
                 self.transport.ack(message)
                 return
             result = reconstruct(update, model, device_id=device_id, model_digest=digest)
-            self.strategy.check_result(model, result)
+            budget = state.budgets.get(device_id, 0.0)
+            check_budgeted(self.strategy, model, result, budget, state.readjust)
         except ValidationError as exc:
             self.reject(device_id, round_, exc)
             if state is not None:
@@ -248,7 +250,7 @@ class MessageHandler:
             device_id,
             message.payload,
             result.num_examples,
-            {"train_s": update.train_s},
+            {"train_s": update.train_s, "density": trained_density(model, result)},
         )
         self.transport.ack(message)  # only now: the update is durable
         if not is_new:

@@ -43,6 +43,8 @@ from device.wire.messages import CancelCommand
 from device.wire.topics import Topics
 from device.wire.transport import Message, Transport
 from fleet.ops.registry import DeviceRegistry
+from fleet.runtime.async_rounds import AsyncRounds
+from fleet.runtime.budget_plan import BudgetPlanner
 from fleet.runtime.checkpoint import CurrentModel, initial_weights, masks_differ
 from fleet.runtime.collection import Collector, RoundState
 from fleet.runtime.commands import Commands
@@ -66,6 +68,7 @@ from fleet.state.store import Store
 from fleet.strategies import create_strategy
 from fleet.strategies.accumulate import aggregate_exact
 from fleet.strategies.base import GlobalModel, RoundConfig, Strategy
+from fleet.strategies.nested import aggregate_budgeted
 
 __all__ = [
     "Evaluator",
@@ -125,6 +128,7 @@ class Runner:
         self.on_progress = on_progress
         self.clock = clock
         self.current = CurrentModel(spec, store, self.strategy)
+        self.budgets = BudgetPlanner(spec, self.registry)
         self.commands = Commands(
             spec.run_id,
             transport,
@@ -262,16 +266,44 @@ class Runner:
                 progress=self._progress,
                 clock=self.clock,
             )
+        if spec.mode == "async":  # buffered asynchronous steps (fleet.runtime.async_rounds)
+            steps = self._async_rounds().run(first)
+            self.reports.extend(steps)
+            stopped_early = len(steps) < spec.rounds + 1 - first
+            first = spec.rounds + 1
+        else:
+            stopped_early = False
         for round_ in range(first, spec.rounds + 1):
             if self._stop:
-                self.store.set_run_status(spec.run_id, "stopped", error="stopped by request")
-                self._clear_retained()
-                return self.reports
+                stopped_early = True
+                break
             self.reports.append(self._round(round_))
+        if stopped_early:
+            self.store.set_run_status(spec.run_id, "stopped", error="stopped by request")
+            self._clear_retained()
+            return self.reports
         self.store.set_run_status(spec.run_id, "finished")
         self.commands.fleet_status(round_=spec.rounds, selected=0, received=0)
         self._clear_retained()
         return self.reports
+
+    def _async_rounds(self) -> AsyncRounds:
+        return AsyncRounds(
+            self.spec,
+            transport=self.transport,
+            store=self.store,
+            topics=self.topics,
+            strategy=self.strategy,
+            current=self.current,
+            commands=self.commands,
+            handler=self.handler,
+            selection=self.selection,
+            budgets=self.budgets,
+            evaluator=self.evaluator,
+            progress=self._progress,
+            clock=self.clock,
+            stopped=lambda: self._stop,
+        )
 
     def _clear_retained(self) -> None:
         """The run has ended: nothing it owns stays retained on the broker."""
@@ -316,6 +348,8 @@ class Runner:
                 model_version_in=model.version,
             )
         state = RoundState(round_, selected, deadline)
+        state.budgets = self.budgets.plan(selected, model, config.training)
+        state.readjust = config.readjust
         if self.coordinator is not None:
             self.collector.poll_stored(state, announce=False)  # after a restart: stored ones count
         else:
@@ -326,12 +360,15 @@ class Runner:
         """Publish the model and command every selected device that has not answered yet."""
         model = self.current.model
         assert model is not None
+        self.commands.download_dtype = config.download_values
         self.commands.publish_model()
         command = config.command(model.version, self.current.digest, deadline_unix_s=state.deadline)
         for device_id in state.selected:
             if state.has(device_id):
                 continue
-            sent = self.commands.send_round(device_id, state.round, command)
+            budget = state.budgets.get(device_id, 0.0)
+            device_command = dataclasses.replace(command, density_budget=budget)
+            sent = self.commands.send_round(device_id, state.round, device_command)
             down = self.commands.snapshot_bytes + sent
             state.download_bytes += down
             self.store.add_traffic(self.spec.run_id, state.round, device_id, down=down)
@@ -366,6 +403,8 @@ class Runner:
                     "partials": len(done.partials),
                     "recovered": len(done.recovered),
                 }
+            elif state.budgets:
+                new_model = aggregate_budgeted(self.strategy, round_, model, results, state.budgets)
             elif self._exact:
                 new_model = aggregate_exact(self.strategy, round_, model, results)
             else:

@@ -17,9 +17,11 @@ from typing import Any, Literal
 
 from device.errors import ConfigError
 from device.model_ref import ModelRef
+from fleet.runtime.async_options import AsyncOptions
 from fleet.strategies import create_strategy
 from fleet.strategies.accumulate import kind_of
 from fleet.strategies.base import GlobalModel, Strategy
+from fleet.strategies.budgets import BudgetPolicy
 from fleet.strategies.robust import RobustOptions
 
 Evaluator = Callable[[GlobalModel], Mapping[str, float]]
@@ -78,6 +80,8 @@ class RunSpec:
     ``model_name``; filled in on construction, so ``model`` is always the reference).
     ``prunable``: regular expressions naming the tensors the strategy may prune
     (``device.models.prunable_names``); empty: the weights of every Linear and Conv layer.
+    ``classes``: the run's label space in order (class ``i`` is logit ``i``), sent to every
+    device with the model; empty: not declared (devices then need their own).
     """
 
     run_id: str
@@ -98,8 +102,26 @@ class RunSpec:
     model_ref: ModelRef | None = None
     prunable: tuple[str, ...] = ()
     evaluate: FederatedEvaluation | None = None  # federated evaluation; None: none
+    classes: tuple[str, ...] = ()
+    # Per-device density budgets: "none", "auto" or {tag: density} (fleet.strategies.budgets).
+    budgets: str | Mapping[str, float] = "none"
+    # "sync": rounds; "async": buffered asynchronous aggregation (fleet.runtime.async_rounds)
+    # with ``async_options`` (None: the defaults).
+    mode: Literal["sync", "async"] = "sync"
+    async_options: AsyncOptions | None = None
 
     def __post_init__(self) -> None:
+        if self.mode not in ("sync", "async"):
+            raise ConfigError(f"run {self.run_id!r}: mode must be sync or async, got {self.mode!r}")
+        try:
+            budgeted = BudgetPolicy.parse(self.budgets).active
+        except ConfigError as exc:
+            raise ConfigError(f"run {self.run_id!r}: {exc}") from None
+        if budgeted and self.late_policy == "next" and self.mode == "sync":
+            raise ConfigError(
+                f"run {self.run_id!r}: budgets {self.budgets!r} need late_policy drop (a late "
+                "update is judged against the next round's model, not its own subnetwork)"
+            )
         if self.model_ref is None:
             try:
                 object.__setattr__(self, "model_ref", ModelRef.parse(self.model_name))
@@ -113,6 +135,10 @@ class RunSpec:
                 f"model_ref {self.model_ref.text!r}"
             )
         object.__setattr__(self, "prunable", tuple(self.prunable))
+        object.__setattr__(self, "classes", tuple(self.classes))
+        problem = classes_problem(self.classes, self.model.num_classes)
+        if problem is not None:
+            raise ConfigError(f"run {self.run_id!r}: classes: {problem}")
 
     @property
     def model(self) -> ModelRef:
@@ -126,6 +152,7 @@ class RunSpec:
         data["tags"] = list(self.tags)
         data["model_ref"] = self.model.to_json()
         data["prunable"] = list(self.prunable)
+        data["classes"] = list(self.classes)
         return data
 
     @classmethod
@@ -135,9 +162,31 @@ class RunSpec:
         if values.get("model_ref") is not None:
             values["model_ref"] = ModelRef.from_json(values["model_ref"])
         values["prunable"] = tuple(values.get("prunable", ()))
+        values["classes"] = tuple(values.get("classes", ()))
         if values.get("evaluate") is not None:
             values["evaluate"] = FederatedEvaluation(**values["evaluate"])
+        if isinstance(values.get("async_options"), Mapping):
+            values["async_options"] = AsyncOptions(**values["async_options"])
         return cls(**values)
+
+
+def classes_problem(classes: tuple[str, ...], num_classes: int | None) -> str | None:
+    """What is wrong with a run's ``classes`` (None: nothing). Empty is fine (not declared);
+    otherwise at least 2 distinct non-empty names, no more than the model's logits when the model
+    declares ``num_classes`` (fewer is allowed: the extra logits are never a label)."""
+    if not classes:
+        return None
+    if len(classes) < 2:
+        return f"needs at least 2 classes, got {len(classes)}"
+    bad = [c for c in classes if not isinstance(c, str) or not c.strip()]
+    if bad:
+        return f"class names must be non-empty text: {bad[0]!r}"
+    repeated = sorted({c for c in classes if classes.count(c) > 1})
+    if repeated:
+        return f"listed more than once: {', '.join(repeated)}"
+    if num_classes and len(classes) > num_classes:
+        return f"{len(classes)} names but the model has only {num_classes} outputs (num_classes)"
+    return None
 
 
 @dataclass(frozen=True)
@@ -220,6 +269,17 @@ def check_sharding(spec: RunSpec, workers: int, strategy: Strategy | None = None
         raise ConfigError(
             f"run {spec.run_id!r}: strategy {strategy.name!r} has no partial-sum aggregation; "
             "run it without --workers"
+        )
+    if spec.mode == "async":
+        raise ConfigError(
+            f"run {spec.run_id!r}: mode async cannot run on aggregator workers (the buffer "
+            "weights each update by its staleness, in the runner); run without --workers"
+        )
+    if BudgetPolicy.parse(spec.budgets).active:
+        raise ConfigError(
+            f"run {spec.run_id!r}: budgets {spec.budgets!r} cannot run on aggregator workers "
+            "(budgeted updates are aggregated against each device's subnetwork, in the runner); "
+            "run without --workers, or set budgets: none"
         )
     if spec.late_policy != "drop":
         raise ConfigError(

@@ -7,6 +7,10 @@ differs between ``fleet.sim.memory`` and ``fleet.sim.mqtt``, and both build on t
 Fault injection (fractions of the devices, chosen with a seeded rng): devices that never answer,
 that answer late (after ``late_delay_s``), that disconnect mid-training (their connection dies
 without a clean close, so the broker publishes their will); ``latency_s`` delays every upload.
+
+A mixed fleet (``SimSpec.classes``, ``fleet.sim.fleet_classes``): each device belongs to a class
+whose speed stretches its jobs (wall clock), whose memory and profile its birth reports, whose
+name is its tag, and whose dropout rate drops some of its jobs.
 """
 
 from __future__ import annotations
@@ -21,18 +25,28 @@ from typing import Any
 
 import numpy as np
 
-from device.agent import AgentOptions, DataSource, DeviceAgent
+from device.agent import AgentOptions, DataSource, DeviceAgent, hardware
 from device.data import FORMATS, Dataset, iid, load_dataset, partition
 from device.errors import DataError
 from device.job import load_model
-from device.local_data import DataCounts, DeviceData
+from device.local_data import DataCounts, DeviceData, check_class_count
 from device.model_id import offers
 from device.model_ref import ModelOffer, ModelRef
 from device.seeding import derive_seed
 from device.trainer import evaluate
-from device.wire.messages import ModelSnapshot
+from device.wire.messages import DeviceProfile, DeviceUpdate, ModelSnapshot, RoundCommand
 from device.wire.topics import Topics
 from device.wire.transport import Transport
+from fleet.sim.fleet_classes import (
+    DeviceClass,
+    assign_classes,
+    class_hardware,
+    coerce_classes,
+    drops_job,
+    host_profile,
+    scaled_profile,
+    slow_down,
+)
 from fleet.sim.userdata import DeviceDirectories, local_spec, materialise
 from fleet.strategies.base import GlobalModel
 
@@ -70,11 +84,15 @@ class SimSpec:
     # ``data_dir``): the LocalDataSpec settings of the run file's data section (classes,
     # eval_fraction, seed, the format's own options); ``fleet.sim.userdata``.
     data_options: dict[str, Any] = field(default_factory=dict)
+    # A mixed fleet (``fleet.sim.fleet_classes``): device classes with share, speed, memory and
+    # dropout; empty: every device is the simulation host, as before.
+    classes: tuple[DeviceClass, ...] = ()
 
     def __post_init__(self) -> None:
-        # From a launch record (JSON) the models come back as mappings.
+        # From a launch record (JSON) the models and classes come back as mappings.
         refs = tuple(m if isinstance(m, ModelRef) else ModelRef.from_json(m) for m in self.models)
         object.__setattr__(self, "models", refs)
+        object.__setattr__(self, "classes", coerce_classes(self.classes))
 
 
 def device_ids(count: int) -> list[str]:
@@ -165,6 +183,9 @@ class _Partition(DeviceData):
         self._data = data
         self._index = index
 
+    def use_classes(self, classes: tuple[str, ...]) -> None:
+        check_class_count(classes, self.train().num_classes)
+
     def refresh(self) -> DataCounts:
         return self._data.counts(self._index)
 
@@ -248,7 +269,8 @@ def fault_plan(spec: SimSpec) -> dict[str, str]:
 
 
 class SimulatedAgent(DeviceAgent):
-    """A device agent with injected faults; behaves exactly like ``DeviceAgent`` otherwise."""
+    """A device agent with injected faults and, in a mixed fleet, its class's speed and dropout
+    (``fleet.sim.fleet_classes``); behaves exactly like ``DeviceAgent`` otherwise."""
 
     def __init__(
         self,
@@ -257,13 +279,25 @@ class SimulatedAgent(DeviceAgent):
         options: AgentOptions,
         fault: str | None,
         faults: Faults,
+        device_class: DeviceClass | None = None,
+        seed: int = 0,
     ) -> None:
         super().__init__(transport, data, options)
         self.fault = fault
         self.faults = faults
+        self.device_class = device_class
+        self.seed = seed
 
     def _run(self, job: Any) -> None:
         if self.fault == "never":
+            return
+        cls = self.device_class
+        if (
+            cls is not None
+            and isinstance(job.command, RoundCommand)
+            and drops_job(self.seed, job.run_id, job.round, self.device_id, cls.dropout)
+        ):
+            log.debug("%s (%s) drops round %d", self.device_id, cls.name, job.round)
             return
         if self.fault == "disconnect":
             kill = getattr(self.transport, "kill", None)
@@ -276,6 +310,13 @@ class SimulatedAgent(DeviceAgent):
             job.cancelled.wait(delay)
         super()._run(job)
 
+    def _upload(self, job: Any, body: Any, **kwargs: Any) -> None:
+        """A slower class's job takes ``train_s / speed`` seconds: train at host speed, sleep the
+        rest (cancellable), and report the simulated time as ``train_s``."""
+        if self.device_class is not None and isinstance(body, DeviceUpdate):
+            body = slow_down(body, self.device_class, job.cancelled.wait)
+        super()._upload(job, body, **kwargs)
+
 
 def _agent_options(
     spec: SimSpec,
@@ -284,9 +325,19 @@ def _agent_options(
     device_id: str,
     topics: Topics,
     models: tuple[ModelOffer, ...] = (),
+    device_class: DeviceClass | None = None,
 ) -> AgentOptions:
     counts = data.counts(index)
+    class_options: dict[str, Any] = {}
+    if device_class is not None:
+        base = _class_profile_base(spec)
+        class_options = {
+            "tags": (device_class.name,),
+            "hardware": class_hardware(device_class, hardware()),
+            "profile": None if base is None else scaled_profile(base, min(1.0, device_class.speed)),
+        }
     return AgentOptions(
+        **class_options,
         device_id=device_id,
         topics=topics,
         dataset_size=counts.train,
@@ -296,6 +347,13 @@ def _agent_options(
         # session_epoch left at 0: derived from the clock as a real agent's is, so a second
         # simulation in the same store outranks the first one's stored "offline" (issue 23).
     )
+
+
+def _class_profile_base(spec: SimSpec) -> DeviceProfile | None:
+    """The host's profile of the run's model (a registered name), which classes scale."""
+    if not spec.models or not spec.models[0].name:
+        return None
+    return host_profile(spec.models[0].name)
 
 
 def partition_lookup(count: int) -> Callable[[str], str]:
@@ -315,15 +373,19 @@ def start_agents(
     """Start the agents of the given device indices; each publishes its birth."""
     ids = device_ids(sim.devices)
     models = offers(sim.models)  # built once: every simulated device builds the same
+    classes = assign_classes(ids, sim.classes, sim.seed)
     agents: list[DeviceAgent] = []
     for i in indices:
         device_id = ids[i]
+        device_class = classes.get(device_id)
         agent = SimulatedAgent(
             make_transport(device_id),
             data.source_for(i),
-            _agent_options(sim, data, i, device_id, topics, models),
+            _agent_options(sim, data, i, device_id, topics, models, device_class),
             plan.get(device_id),
             sim.faults,
+            device_class,
+            sim.seed,
         )
         agent.start()
         agents.append(agent)

@@ -154,6 +154,7 @@ class RoundConfig:
     readjust: Readjust | None = None
     report_importance: bool = False
     upload_dtype: ValueDType = ValueDType.FP32
+    download_values: ValueDType = ValueDType.FP32  # the precision of the model sent to devices
 
     def command(
         self,
@@ -171,6 +172,7 @@ class RoundConfig:
             readjust=self.readjust,
             report_importance=self.report_importance,
             upload_dtype=self.upload_dtype,
+            download_dtype=self.download_values,
             deadline_unix_s=deadline_unix_s,
             partition=partition,
         )

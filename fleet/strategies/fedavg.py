@@ -38,6 +38,7 @@ from fleet.strategies.base import (
     require_masks_equal,
     select_uniform,
 )
+from fleet.strategies.precision import resolve_precisions
 from fleet.strategies.robust import RobustOptions, clip_results
 
 __all__ = [
@@ -55,20 +56,25 @@ class FedAvgOptions:
     """FedAvg's settings.
 
     ``clients_per_round``: updates aggregated per round (the FedDST paper's MNIST setting: 20);
-    ``training``: local SGD settings sent to devices; ``upload_dtype``: value encoding of updates;
+    ``training``: local SGD settings sent to devices; ``upload_values`` / ``download_values``:
+    value precision per direction (``fleet.strategies.precision``; ``upload_dtype`` is the older
+    name of ``upload_values``);
     ``robust``: clipping and trimmed mean / median (``fleet.strategies.robust``; a mapping of its
     fields is accepted, as configs give it; off by default).
     """
 
     clients_per_round: int = 20
     training: LocalTraining = field(default_factory=LocalTraining)
-    upload_dtype: ValueDType = ValueDType.FP32
+    upload_dtype: ValueDType = ValueDType.FP32  # the older name of upload_values
+    upload_values: ValueDType | None = None  # fleet.strategies.precision
+    download_values: ValueDType = ValueDType.FP32
     robust: RobustOptions = field(default_factory=RobustOptions)
 
     _strategy: ClassVar[str] = "fedavg"  # the name error messages use
 
     def __post_init__(self) -> None:
         name = self._strategy
+        resolve_precisions(self, name)
         check_common_options(name, self.clients_per_round, self.training, self.upload_dtype)
         object.__setattr__(self, "robust", RobustOptions.coerce(self.robust, name))
 
@@ -132,6 +138,7 @@ def _dense_round(
         readjust=None,
         report_importance=False,
         upload_dtype=options.upload_dtype,
+        download_values=options.download_values,
     )
 
 

@@ -58,6 +58,7 @@ from fleet.strategies.base import (
     require_masks_keep_nnz,
     select_uniform,
 )
+from fleet.strategies.precision import resolve_precisions
 from fleet.strategies.robust import RobustOptions, clip_results
 
 __all__ = ["FedDST", "FedDSTOptions"]
@@ -83,7 +84,9 @@ class FedDSTOptions:
 
     clients_per_round: int = 20
     training: LocalTraining = field(default_factory=LocalTraining)
-    upload_dtype: ValueDType = ValueDType.FP32
+    upload_dtype: ValueDType = ValueDType.FP32  # the older name of upload_values
+    upload_values: ValueDType | None = None  # fleet.strategies.precision
+    download_values: ValueDType = ValueDType.FP32
     density: float = 0.2
     distribution: str = "erk"
     mask_init: Literal["magnitude", "random"] = "magnitude"
@@ -100,6 +103,7 @@ class FedDSTOptions:
     robust: RobustOptions = field(default_factory=RobustOptions)
 
     def __post_init__(self) -> None:
+        resolve_precisions(self, "feddst")
         check_common_options("feddst", self.clients_per_round, self.training, self.upload_dtype)
         object.__setattr__(self, "robust", RobustOptions.coerce(self.robust, "feddst"))
         if not 0.0 < self.density <= 1.0 or math.isnan(self.density):
@@ -222,6 +226,7 @@ class FedDST:
             readjust=self.readjust(round),
             report_importance=False,
             upload_dtype=self.options.upload_dtype,
+            download_values=self.options.download_values,
         )
 
     def check_result(self, model: GlobalModel, result: ClientResult) -> None:

@@ -77,6 +77,7 @@ from fleet.strategies.base import (
     select_uniform,
 )
 from fleet.strategies.fedavg import fedavg_weights
+from fleet.strategies.precision import resolve_precisions
 
 __all__ = [
     "MIN_COST_PER_PARAM",
@@ -226,7 +227,9 @@ class PruneFLOptions:
 
     clients_per_round: int = 20
     training: LocalTraining = field(default_factory=LocalTraining)
-    upload_dtype: ValueDType = ValueDType.FP32
+    upload_dtype: ValueDType = ValueDType.FP32  # the older name of upload_values
+    upload_values: ValueDType | None = None  # fleet.strategies.precision
+    download_values: ValueDType = ValueDType.FP32
     initial_pruning: bool = True
     initial_device: str | None = None
     initial_select: Literal["largest_dataset", "fastest"] = "largest_dataset"
@@ -242,6 +245,7 @@ class PruneFLOptions:
     fallback_uses_per_param: Mapping[str, float] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        resolve_precisions(self, "prunefl")
         check_common_options("prunefl", self.clients_per_round, self.training, self.upload_dtype)
         checks = [
             (
@@ -432,6 +436,7 @@ class PruneFL:
             readjust=None,
             report_importance=self.reconfiguration_due(round),
             upload_dtype=self.options.upload_dtype,
+            download_values=self.options.download_values,
         )
 
     def check_result(self, model: GlobalModel, result: ClientResult) -> None:

@@ -149,7 +149,7 @@ class NamedTensor(_message.Message):
     def __init__(self, name: _Optional[str] = ..., tensor: _Optional[_Union[SparseTensor, _Mapping]] = ...) -> None: ...
 
 class ModelSnapshot(_message.Message):
-    __slots__ = ("model_name", "version", "digest", "mask_version", "tensors", "pruned", "model_ref", "architecture_digest")
+    __slots__ = ("model_name", "version", "digest", "mask_version", "tensors", "pruned", "model_ref", "architecture_digest", "classes")
     MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     DIGEST_FIELD_NUMBER: _ClassVar[int]
@@ -158,6 +158,7 @@ class ModelSnapshot(_message.Message):
     PRUNED_FIELD_NUMBER: _ClassVar[int]
     MODEL_REF_FIELD_NUMBER: _ClassVar[int]
     ARCHITECTURE_DIGEST_FIELD_NUMBER: _ClassVar[int]
+    CLASSES_FIELD_NUMBER: _ClassVar[int]
     model_name: str
     version: int
     digest: bytes
@@ -166,7 +167,8 @@ class ModelSnapshot(_message.Message):
     pruned: _containers.RepeatedScalarFieldContainer[str]
     model_ref: ModelRef
     architecture_digest: bytes
-    def __init__(self, model_name: _Optional[str] = ..., version: _Optional[int] = ..., digest: _Optional[bytes] = ..., mask_version: _Optional[int] = ..., tensors: _Optional[_Iterable[_Union[NamedTensor, _Mapping]]] = ..., pruned: _Optional[_Iterable[str]] = ..., model_ref: _Optional[_Union[ModelRef, _Mapping]] = ..., architecture_digest: _Optional[bytes] = ...) -> None: ...
+    classes: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, model_name: _Optional[str] = ..., version: _Optional[int] = ..., digest: _Optional[bytes] = ..., mask_version: _Optional[int] = ..., tensors: _Optional[_Iterable[_Union[NamedTensor, _Mapping]]] = ..., pruned: _Optional[_Iterable[str]] = ..., model_ref: _Optional[_Union[ModelRef, _Mapping]] = ..., architecture_digest: _Optional[bytes] = ..., classes: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class ModelRef(_message.Message):
     __slots__ = ("name", "factory", "kwargs_json", "input_shape", "num_classes")
@@ -221,7 +223,7 @@ class Readjust(_message.Message):
     def __init__(self, alpha: _Optional[float] = ..., at_fraction: _Optional[float] = ..., grad_window: _Optional[int] = ..., grow: _Optional[_Union[GrowPolicy, str]] = ...) -> None: ...
 
 class RoundCommand(_message.Message):
-    __slots__ = ("model_version", "model_digest", "training", "readjust", "report_importance", "upload_dtype", "deadline_unix_s", "partition")
+    __slots__ = ("model_version", "model_digest", "training", "readjust", "report_importance", "upload_dtype", "deadline_unix_s", "partition", "download_dtype", "density_budget")
     MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
     MODEL_DIGEST_FIELD_NUMBER: _ClassVar[int]
     TRAINING_FIELD_NUMBER: _ClassVar[int]
@@ -230,6 +232,8 @@ class RoundCommand(_message.Message):
     UPLOAD_DTYPE_FIELD_NUMBER: _ClassVar[int]
     DEADLINE_UNIX_S_FIELD_NUMBER: _ClassVar[int]
     PARTITION_FIELD_NUMBER: _ClassVar[int]
+    DOWNLOAD_DTYPE_FIELD_NUMBER: _ClassVar[int]
+    DENSITY_BUDGET_FIELD_NUMBER: _ClassVar[int]
     model_version: int
     model_digest: bytes
     training: LocalTraining
@@ -238,7 +242,9 @@ class RoundCommand(_message.Message):
     upload_dtype: ValueDType
     deadline_unix_s: float
     partition: str
-    def __init__(self, model_version: _Optional[int] = ..., model_digest: _Optional[bytes] = ..., training: _Optional[_Union[LocalTraining, _Mapping]] = ..., readjust: _Optional[_Union[Readjust, _Mapping]] = ..., report_importance: _Optional[bool] = ..., upload_dtype: _Optional[_Union[ValueDType, str]] = ..., deadline_unix_s: _Optional[float] = ..., partition: _Optional[str] = ...) -> None: ...
+    download_dtype: ValueDType
+    density_budget: float
+    def __init__(self, model_version: _Optional[int] = ..., model_digest: _Optional[bytes] = ..., training: _Optional[_Union[LocalTraining, _Mapping]] = ..., readjust: _Optional[_Union[Readjust, _Mapping]] = ..., report_importance: _Optional[bool] = ..., upload_dtype: _Optional[_Union[ValueDType, str]] = ..., deadline_unix_s: _Optional[float] = ..., partition: _Optional[str] = ..., download_dtype: _Optional[_Union[ValueDType, str]] = ..., density_budget: _Optional[float] = ...) -> None: ...
 
 class InitialPruneCommand(_message.Message):
     __slots__ = ("model_version", "model_digest", "training", "rounds_per_reconfig", "max_reconfigs", "stable_change", "stable_count", "deadline_unix_s", "partition", "cost_per_param_s", "fixed_cost_s", "protect_fraction")
