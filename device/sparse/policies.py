@@ -72,19 +72,11 @@ def readjust_mask(
         empty = torch.zeros_like(mask)
         return Readjustment(new_mask=mask.clone(), dropped=empty, grown=empty.clone())
     flat_mask = mask.reshape(-1)
-    active_idx = torch.nonzero(flat_mask).reshape(-1)
-    inactive_idx = torch.nonzero(~flat_mask).reshape(-1)
-    # Selecting among the candidates' indices (not by +-inf sentinels) keeps an infinite score
-    # from ever letting an inactive entry be "dropped" or an active one be "grown".
-    # A NaN weight is the first to drop; a NaN grow score is the last to grow.
-    drop_vals = torch.nan_to_num(
-        drop_score.detach().reshape(-1)[active_idx].float(), nan=float("-inf")
-    )
-    grow_vals = torch.nan_to_num(
-        grow_score.detach().reshape(-1)[inactive_idx].float(), nan=float("-inf")
-    )
-    drop_pick = active_idx[torch.argsort(drop_vals, stable=True)[:n]]
-    grow_pick = inactive_idx[torch.argsort(grow_vals, descending=True, stable=True)[:n]]
+    # A NaN weight is the first to drop; a NaN grow score is the last to grow. Candidates are
+    # chosen by mask, not by +-inf sentinels alone, so an infinite score never lets an inactive
+    # entry be "dropped" or an active one be "grown".
+    drop_pick = _select(drop_score, flat_mask, n, largest=False, nan=float("-inf"))
+    grow_pick = _select(grow_score, ~flat_mask, n, largest=True, nan=float("-inf"))
     dropped = torch.zeros_like(flat_mask)
     dropped[drop_pick] = True
     grown = torch.zeros_like(flat_mask)
@@ -93,6 +85,49 @@ def readjust_mask(
     grown = grown.reshape(mask.shape)
     new_mask = (mask & ~dropped) | grown
     return Readjustment(new_mask=new_mask, dropped=dropped, grown=grown)
+
+
+def _select(
+    score: torch.Tensor, candidates: torch.Tensor, n: int, *, largest: bool, nan: float
+) -> torch.Tensor:
+    """Flat indices of the ``n`` candidates with the largest (or smallest) ``score``, ties to
+    the lower flat index; ``NaN`` scores count as ``nan``. ``1 <= n <= candidates.sum()``.
+
+    Memory in proportion to ``n`` beyond one float32 copy of the scores: a threshold (the n-th
+    best value, :func:`_nth_best`), then every candidate strictly better plus the lowest-index
+    candidates equal to it. Sorting every candidate (``nonzero`` + ``argsort``) held several
+    int64 and float arrays of the candidates' size: +195 MB for femnist_cnn's fc1 at density 0.1
+    (docs/benchmarks.md, "Footprint").
+    """
+    worst = float("-inf") if largest else float("inf")
+    values = score.detach().reshape(-1).to(torch.float32, copy=True)
+    values.nan_to_num_(nan=nan)
+    values.masked_fill_(~candidates, worst)
+    threshold = _nth_best(values, n, largest=largest)
+    better = (values > threshold) if largest else (values < threshold)
+    better &= candidates
+    picked = torch.nonzero(better).reshape(-1)
+    ties = torch.nonzero((values == threshold) & candidates).reshape(-1)
+    return torch.cat([picked, ties[: n - picked.numel()]])
+
+
+_CHUNK = 1 << 18  # elements per topk call in _nth_best: 1 MB of float32
+
+
+def _nth_best(values: torch.Tensor, n: int, *, largest: bool) -> torch.Tensor:
+    """The ``n``-th largest (or smallest) of the 1-D ``values``, as a 0-d tensor.
+
+    ``topk`` over the whole tensor copies all of it with an int64 index on CPU (12 bytes per
+    element); taking each chunk's best ``n`` first bounds that copy by the chunk, and the n-th
+    best of all is the n-th best of the chunks' bests."""
+    if values.numel() > _CHUNK and n < values.numel() // 2:
+        chunks = (values[i : i + _CHUNK] for i in range(0, values.numel(), _CHUNK))
+        best = [
+            torch.topk(chunk, min(n, chunk.numel()), largest=largest, sorted=False).values
+            for chunk in chunks
+        ]
+        values = torch.cat(best)
+    return torch.topk(values, n, largest=largest, sorted=True).values[-1]
 
 
 def n_to_readjust(alpha: float, active: int) -> int:

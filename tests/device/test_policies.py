@@ -76,6 +76,67 @@ def test_readjust_drops_the_smallest_magnitudes_and_grows_the_largest_gradients(
         assert grad.abs()[result.grown].min() >= grad.abs()[left_out].max()
 
 
+def _reference_readjust(
+    mask: torch.Tensor, drop: torch.Tensor, grow: torch.Tensor, n: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The rule spelled out with full sorts: drop the n lowest drop scores among the active
+    entries, grow the n highest grow scores among the inactive ones, NaN counting as -inf,
+    ties to the lower flat index."""
+    flat = mask.reshape(-1)
+    active = torch.nonzero(flat).reshape(-1)
+    inactive = torch.nonzero(~flat).reshape(-1)
+    d = torch.nan_to_num(drop.reshape(-1)[active], nan=float("-inf"))
+    g = torch.nan_to_num(grow.reshape(-1)[inactive], nan=float("-inf"))
+    dropped = torch.zeros_like(flat)
+    dropped[active[torch.argsort(d, stable=True)[:n]]] = True
+    grown = torch.zeros_like(flat)
+    grown[inactive[torch.argsort(g, descending=True, stable=True)[:n]]] = True
+    return dropped.reshape(mask.shape), grown.reshape(mask.shape)
+
+
+@st.composite
+def scored_layers(draw: st.DrawFn) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
+    """A mask with drop and grow scores full of ties, NaNs and infinities, and a valid n."""
+    size = draw(st.integers(2, 64))
+    seed = draw(st.integers(0, 2**31))
+    g = torch.Generator().manual_seed(seed)
+    mask = torch.rand(size, generator=g) < draw(st.floats(0.05, 0.95))
+    specials = torch.tensor([float("nan"), float("inf"), float("-inf"), 0.0])
+
+    def scores() -> torch.Tensor:
+        values = torch.randint(-2, 3, (size,), generator=g).float()
+        pick = torch.rand(size, generator=g) < 0.3
+        values[pick] = specials[torch.randint(0, 4, (int(pick.sum()),), generator=g)]
+        return values
+
+    active = int(mask.sum())
+    n = draw(st.integers(0, max(0, min(active, size - active))))
+    return mask, scores(), scores(), n
+
+
+@given(scored_layers())
+@settings(max_examples=400, deadline=None)
+def test_readjust_picks_exactly_what_a_full_sort_picks(
+    layer: tuple[torch.Tensor, torch.Tensor, torch.Tensor, int],
+) -> None:
+    mask, drop, grow, n = layer
+    result = readjust_mask(mask, drop, grow, n)
+    dropped, grown = _reference_readjust(mask, drop, grow, n)
+    assert torch.equal(result.dropped, dropped)
+    assert torch.equal(result.grown, grown)
+
+
+def test_readjust_leaves_the_callers_scores_unchanged() -> None:
+    mask = torch.tensor([True, False, True, False])
+    drop = torch.tensor([float("nan"), 1.0, 2.0, 3.0])
+    grow = torch.tensor([1.0, float("nan"), 2.0, 3.0])
+    before = (drop.clone(), grow.clone())
+    readjust_mask(mask, drop, grow, 1)
+    assert torch.equal(drop.isnan(), before[0].isnan())
+    assert torch.equal(torch.nan_to_num(drop), torch.nan_to_num(before[0]))
+    assert torch.equal(torch.nan_to_num(grow), torch.nan_to_num(before[1]))
+
+
 def test_nothing_grows_where_it_was_just_dropped() -> None:
     """A just-dropped weight with the largest gradient must not come straight back."""
     mask = torch.tensor([True, True, False, False])
@@ -201,3 +262,24 @@ def test_readjust_result_unpacks_as_new_mask_dropped_grown() -> None:
         [True, False],
         [False, True],
     )
+
+
+def test_readjust_of_a_layer_larger_than_a_topk_chunk_matches_a_full_sort(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The threshold comes from per-chunk bests when a layer is larger than a chunk."""
+    import device.sparse.policies as policies
+
+    monkeypatch.setattr(policies, "_CHUNK", 64)
+    g = torch.Generator().manual_seed(3)
+    for _ in range(50):
+        size = int(torch.randint(200, 2000, (1,), generator=g))
+        mask = torch.rand(size, generator=g) < 0.2
+        drop = torch.randint(-4, 5, (size,), generator=g).float()
+        grow = torch.randint(-4, 5, (size,), generator=g).float()
+        drop[torch.rand(size, generator=g) < 0.05] = float("nan")
+        n = int(torch.randint(1, int(mask.sum()) + 1, (1,), generator=g))
+        result = readjust_mask(mask, drop, grow, n)
+        dropped, grown = _reference_readjust(mask, drop, grow, n)
+        assert torch.equal(result.dropped, dropped)
+        assert torch.equal(result.grown, grown)
