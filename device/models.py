@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from device.meta import on_meta
 from device.model_ref import ModelRef
 from device.model_registry import ModelFactoryError, load_factory, lookup, model_names
 
@@ -289,7 +290,7 @@ def create_model(name: ModelLike, *, seed: int | None = None, **kwargs: Any) -> 
     generator = torch.Generator(device="cpu")
     generator.manual_seed(seed)
     try:
-        with torch.device("meta"):
+        with on_meta():
             model = _call(factory, arguments, what)
         _materialise(model)
         _initialise(model, generator)
@@ -321,7 +322,7 @@ def empty_model(name: ModelLike, **kwargs: Any) -> nn.Module:
     factory, what = _factory(ref)
     arguments = {**ref.kwargs, **kwargs}
     try:
-        with torch.device("meta"):
+        with on_meta():
             model = _call(factory, arguments, what)
     except ModelFactoryError:
         return _call(factory, arguments, what)
@@ -340,7 +341,7 @@ def meta_model(name: ModelLike, **kwargs: Any) -> nn.Module:
     factory, what = _factory(ref)
     arguments = {**ref.kwargs, **kwargs}
     try:
-        with torch.device("meta"):
+        with on_meta():
             return _call(factory, arguments, what)
     except ModelFactoryError:
         return _call(factory, arguments, what)

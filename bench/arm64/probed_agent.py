@@ -23,7 +23,9 @@ replaced by that profile). Without it the agent trains masked dense, as without 
 ``--phases``: prints the resident set before and after each step of a job (decode, load,
 train, build the update, encode) to stderr, :func:`trace_phases`.
 ``--no-meta-init``: the layers' initialisation skipped on the meta device
-(:func:`skip_meta_initialisation`; the before/after of the sympy import on torch 2.7.1).
+(:func:`skip_meta_initialisation`; the before/after of the sympy import on torch 2.7.1). The
+device code now does this itself (``device.meta.on_meta``), so with the current code the option
+changes nothing; it stays to reproduce the settings table measured before that change.
 
 At exit it prints one line ``LOADED <json>`` to stderr: which heavy modules the process imported
 (torch._dynamo, sympy, ...), how many modules in all, and the 25 packages with the most.
