@@ -49,6 +49,7 @@ from torch import nn
 
 from device.errors import ConfigError
 from device.gradbuffers import weight_grad_buffers
+from device.model_ref import ModelRef
 from device.models import create_model, model_spec, prunable_names
 from device.optim import MomentumSGD
 from device.sparse.kernels import attach, supports_sparse
@@ -270,7 +271,7 @@ def _check_arguments(
 
 
 def measure_profile(
-    model: str | nn.Module,
+    model: str | ModelRef | nn.Module,
     *,
     batch_size: int = 20,
     densities: Sequence[float] = DEFAULT_DENSITIES,
@@ -284,14 +285,16 @@ def measure_profile(
     """Measure this device's per-layer training-step times (see the module docstring).
 
     Args:
-        model: a registered model name (built with ``create_model(name, seed=seed)``) or a
-            model instance; the instance is deep-copied, never modified.
+        model: a registered model name or a factory reference (built with
+            ``create_model(model, seed=seed)``; the profile's ``model_name`` is the reference's
+            text, as a run's snapshot names the model), or a model instance; the instance is
+            deep-copied, never modified.
         batch_size: examples per minibatch (>= 1), as the trainer will use.
         densities: distinct kept fractions in (0, 1] to measure.
         repeats: measured runs per figure (>= 1); each figure is their median.
         warmup: unmeasured runs before them (>= 0).
         input_shape: shape of one example without the batch dimension; defaults to the
-            registered model's (required for a model instance).
+            model's declared one (required for a model instance).
         model_name: the profile's ``model_name``; defaults to the registered name, or the
             instance's class name.
         skip_factor: see the module docstring (> 1).
@@ -303,10 +306,10 @@ def measure_profile(
         ValueError: ``model`` names no registered model.
     """
     _check_arguments(batch_size, densities, repeats, warmup, skip_factor)
-    if isinstance(model, str):
+    if not isinstance(model, nn.Module):
         net = create_model(model, seed=seed)
         shape = tuple(input_shape) if input_shape is not None else model_spec(model).input_shape
-        name = model_name or model
+        name = model_name or ModelRef.of(model).text
     else:
         if input_shape is None:
             raise ConfigError(

@@ -168,7 +168,9 @@ class DeviceConfig:
     profile_on_start: bool = False  # measure the device profile before announcing
     # The model the profile measures: the one this fleet's runs train. With a profile of the
     # run's model, the agent computes each layer with a sparse kernel where that is faster.
-    profile_model: str = "mnist_cnn"
+    # A registered name, or a factory ("pkg.mod:build" or a mapping with kwargs and
+    # input_shape) as the run names it, so a user's model gets a profile of its own layers.
+    profile_model: str | ModelRef = "mnist_cnn"
     model_wait_s: float = 60.0
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     # The models this device offers (device.model_ref: a registered name, a "pkg.mod:build"
@@ -193,10 +195,20 @@ class DeviceConfig:
             raise SettingError("torch_threads", "must be 0 (torch's default) or more")
         if not self.model_wait_s > 0:
             raise SettingError("model_wait_s", "must be more than 0 seconds")
-        if self.profile_model not in model_names():
+        try:
+            profile_ref = ModelRef.of(self.profile_model)
+        except ValueError as exc:
+            raise SettingError("profile_model", str(exc)) from None
+        if profile_ref.name and profile_ref.name not in model_names():
             raise SettingError(
                 "profile_model",
-                f"unknown model {self.profile_model!r}; known: {', '.join(model_names())}",
+                f"unknown model {profile_ref.name!r}; known: {', '.join(model_names())}",
+            )
+        if profile_ref.factory and profile_ref.input_shape is None:
+            raise SettingError(
+                "profile_model",
+                f"factory {profile_ref.factory!r} needs input_shape (one example's shape) to "
+                "be profiled",
             )
         for item in self.models or ():
             try:

@@ -7,6 +7,7 @@ The figures are times and vary run to run, so these tests check structure and th
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
 
 import pytest
 import torch
@@ -15,9 +16,12 @@ from torch import nn
 
 import device.profile as profile_module
 from device.errors import ConfigError
+from device.model_ref import ModelRef
 from device.models import create_model, prunable_names
 from device.profile import DEFAULT_DENSITIES, measure_profile
+from device.settings import load_device_config
 from device.sparse.kernels import choose_plan
+from tests.model_packages import make_package, unique_name
 
 pytestmark = pytest.mark.filterwarnings("ignore:Sparse CSR tensor support is in beta")
 
@@ -137,3 +141,34 @@ def test_sparse_runs_stop_above_the_density_where_they_lose_by_skip_factor(
     assert calls[:5] == [2, 1, 1, 1, 1]
     assert [p.sparse_s for p in layer.points] == [3.0] * len(DEFAULT_DENSITIES)
     assert choose_plan(profile, {layer.name: 1.0}) == set()
+
+
+def test_a_users_factory_is_profiled_under_its_reference_text(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A device whose fleet trains a user's model profiles that model: the profile names it as
+    the run's snapshot does (the reference text), so the agent's kernel plan and PruneFL's time
+    model find its layers."""
+    name = unique_name()
+    monkeypatch.syspath_prepend(str(make_package(tmp_path, name)))
+    ref = ModelRef(factory=f"{name}:build", kwargs={"width": 8}, input_shape=(1, 8, 8))
+    profile = measure_profile(ref, repeats=1, warmup=0, densities=(1.0, 0.5))
+    assert profile.model_name == ref.text
+    assert [layer.name for layer in profile.layers] == prunable_names(create_model(ref))
+
+
+def test_a_device_config_may_profile_a_factory_that_declares_its_input(tmp_path: Path) -> None:
+    good = tmp_path / "good.yaml"
+    good.write_text(
+        "device_id: d1\ndata: {dataset: digits}\n"
+        "profile_model: {factory: 'pkg.models:build', kwargs: {width: 8}, input_shape: [1, 8, 8]}\n"
+    )
+    assert ModelRef.of(load_device_config(good).profile_model).factory == "pkg.models:build"
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("device_id: d1\ndata: {dataset: digits}\nprofile_model: 'pkg.models:build'\n")
+    with pytest.raises(ConfigError, match=r"bad\.yaml:3: profile_model: .*needs input_shape"):
+        load_device_config(bad)
+    unknown = tmp_path / "unknown.yaml"
+    unknown.write_text("device_id: d1\ndata: {dataset: digits}\nprofile_model: no_such_model\n")
+    with pytest.raises(ConfigError, match=r"profile_model: unknown model 'no_such_model'"):
+        load_device_config(unknown)
