@@ -190,7 +190,7 @@ class LocalData(DeviceData):
 
     def train(self) -> Dataset:
         if "train" not in self._decoded:
-            self._decoded["train"] = self.source.train().to_dataset()
+            self._decoded["train"] = self.source.train().to_dataset(spool=self.spec.spool)
         return self._decoded["train"]
 
     def evaluation(self) -> Dataset:
@@ -202,7 +202,7 @@ class LocalData(DeviceData):
                     f"(data.eval_fraction is {self.spec.eval_fraction}; set it above 0 to "
                     "take part in federated evaluation)"
                 )
-            self._decoded["evaluation"] = side.to_dataset()
+            self._decoded["evaluation"] = side.to_dataset(spool=self.spec.spool)
         return self._decoded["evaluation"]
 
 

@@ -62,10 +62,11 @@ def load_local(
     """
     check_split(split)
     path = Path(data_dir) if data_dir is not None else None
-    source = open_source(LocalDataSpec(format=fmt, path=path, **options))  # type: ignore[arg-type]
+    spec = LocalDataSpec(format=fmt, path=path, **options)  # type: ignore[arg-type]
+    source = open_source(spec)
     source.scan()
     side = source.train() if split == "train" else source.evaluation()
-    return side.to_dataset()
+    return side.to_dataset(spool=spec.spool)
 
 
 def check_local(fmt: str, data_dir: str | os.PathLike[str] | None) -> None:

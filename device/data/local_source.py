@@ -26,12 +26,16 @@ from device.data.dataset import Dataset, IndexArray
 from device.data.labelspace import LabelSpace
 from device.data.local_spec import LocalDataSpec
 from device.data.local_split import SplitMemo
+from device.data.spool import Spool
 from device.errors import DataError
 
 __all__ = ["Decoder", "LocalExamples", "LocalSource", "ScanResult", "Snapshot"]
 
 #: Positions into a snapshot -> ``(x, y)``: float32 ``[B, *example_shape]`` and int64 ``[B]``.
 Decoder = Callable[[IndexArray], tuple[torch.Tensor, torch.Tensor]]
+
+#: Decoded bytes per decode call when a side is spooled to a file (its temporaries' bound).
+SPOOL_CHUNK_BYTES = 16 * 1024 * 1024
 
 
 @dataclass(frozen=True, eq=False)
@@ -129,13 +133,15 @@ class LocalExamples(torch.utils.data.Dataset[tuple[torch.Tensor, int]]):
             return self._snapshot.labels[self._positions].copy()
         return self.to_dataset().labels()
 
-    def to_dataset(self, *, chunk: int | None = None) -> Dataset:
+    def to_dataset(self, *, chunk: int | None = None, spool: Spool | None = None) -> Dataset:
         """Every example decoded into one :class:`Dataset`, ``chunk`` examples per decode call
         (default: the format's :attr:`Snapshot.chunk`); chunks are written into one
-        preallocated tensor, so the peak is the data plus one chunk's temporaries.
+        preallocated tensor, so the peak is the data plus one chunk's temporaries. With
+        ``spool``, a side larger than its ``in_memory_mb`` is decoded into a file-backed
+        tensor instead (:mod:`device.data.spool`): its memory is then the page cache's.
 
         Raises:
-            DataError: this side holds no example, or decoding failed.
+            DataError: this side holds no example, decoding failed, or the spool has no room.
         """
         n = len(self)
         if not n:
@@ -143,10 +149,19 @@ class LocalExamples(torch.utils.data.Dataset[tuple[torch.Tensor, int]]):
         x_all = torch.empty(0)
         y_all = torch.empty(n, dtype=torch.int64)
         chunk = chunk or self._snapshot.chunk or n
+        if spool is not None:
+            # One example tells the side's size; a spooled side is decoded a few MiB at a time
+            # (a format that decodes all at once would otherwise hold it in memory anyway).
+            probe, _ = self.batch(np.arange(1))
+            shape = (n, *probe.shape[1:])
+            if spool.wants(shape):
+                x_all = spool.tensor(shape)
+                chunk = min(chunk, max(1, SPOOL_CHUNK_BYTES // max(1, probe[0].numel() * 4)))
         for first in range(0, n, chunk):
             x, y = self.batch(np.arange(first, min(first + chunk, n)))
-            if not first:
-                x_all = x if len(x) == n else torch.empty((n, *x.shape[1:]), dtype=torch.float32)
+            if not first and not x_all.numel():
+                shape = (n, *x.shape[1:])
+                x_all = x if len(x) == n else torch.empty(shape, dtype=torch.float32)
             if x.shape[1:] != x_all.shape[1:]:
                 raise DataError(
                     f"examples of the {self.side} split differ in shape: "

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any, Literal, get_args
 
 from device.config import SettingError, from_mapping
+from device.data.spool import DEFAULT_IN_MEMORY_MB, Spool
 
 __all__ = ["FORMATS", "FORMAT_OPTIONS", "IMAGE_SUFFIXES", "LocalDataSpec", "LocalFormat"]
 
@@ -66,6 +67,11 @@ class LocalDataSpec:
             example's side is a function of its identity and ``seed`` alone
             (:mod:`device.data.local_split`), so it never changes as data grows.
         seed: the split's seed, an integer in [0, 2**64).
+        in_memory_mb: a side (train or evaluation) whose decoded examples (float32) are larger
+            than this many MiB is decoded into a file in ``spool_dir`` and read from it one
+            minibatch at a time (:mod:`device.data.spool`); default 256, 0 always.
+        spool_dir: where such files go (nameless, gone with the process); default the system's
+            temporary directory. Put it on disk, not on a RAM-backed tmpfs.
 
     imagefolder: ``resize`` ``[H, W]`` pixels (default: keep the size; every image must then
     have the first image's size); ``channels`` 1 (greyscale) or 3 (RGB, the default);
@@ -87,6 +93,8 @@ class LocalDataSpec:
     classes: tuple[str, ...] | None = None
     eval_fraction: float = 0.2
     seed: int = 0
+    in_memory_mb: float = DEFAULT_IN_MEMORY_MB
+    spool_dir: Path | None = None
     # imagefolder
     resize: tuple[int, ...] | None = None
     channels: int | None = None
@@ -112,6 +120,8 @@ class LocalDataSpec:
         # Friendly to Python callers: a str path and list options become the declared types.
         if isinstance(self.path, str):
             object.__setattr__(self, "path", Path(self.path))
+        if isinstance(self.spool_dir, str):
+            object.__setattr__(self, "spool_dir", Path(self.spool_dir))
         for name in ("classes", "resize", "mean", "std", "feature_columns"):
             value = getattr(self, name)
             if isinstance(value, list):
@@ -146,6 +156,17 @@ class LocalDataSpec:
             )
         if isinstance(self.seed, bool) or not 0 <= self.seed < 2**64:
             raise SettingError("seed", f"must be an integer in [0, 2**64), got {self.seed!r}")
+        if isinstance(self.in_memory_mb, bool) or not (
+            math.isfinite(self.in_memory_mb) and self.in_memory_mb >= 0
+        ):
+            raise SettingError(
+                "in_memory_mb", f"must be a size in MiB, 0 or more, got {self.in_memory_mb!r}"
+            )
+
+    @property
+    def spool(self) -> Spool:
+        """When and where a side is decoded into a file instead of memory."""
+        return Spool(in_memory_mb=self.in_memory_mb, directory=self.spool_dir)
 
     def _check_options_belong(self) -> None:
         own = set(FORMAT_OPTIONS[self.format])
