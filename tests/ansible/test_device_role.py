@@ -157,6 +157,8 @@ def test_unit_runs_the_installed_agent_and_restarts_on_failure(converged: Conver
     assert "Restart=on-failure\n" in unit
     assert "WantedBy=multi-user.target" in unit
     assert f"User={account_vars()['fleet_device_user']}\n" in unit
+    # Freed tensors go back to the system (docs/hardware.md, "Settings that lower memory").
+    assert "Environment=MALLOC_MMAP_THRESHOLD_=1048576\n" in unit
 
 
 def test_virtualenv_runs_the_wheel_not_the_checkout(converged: Converged) -> None:
