@@ -211,16 +211,17 @@
         { xLabel: "round", yLabel: "accuracy (%)", yFormat: percent, integerX: true });
       SFCharts.line($("#chart-accuracy-mb"), fedMb.points.length ? [accMb, fedMb] : [accMb],
         { xLabel: "cumulative uploaded MB", yLabel: "accuracy (%)", yFormat: percent });
-      const peak = Math.max(0, ...data.rounds.map((r) => Math.max(r.bytes_up, r.bytes_down)));
+      // Closed rounds only: an open round's bytes and answers are partial (the table shows it).
+      const peak = Math.max(0, ...closed.map((r) => Math.max(r.bytes_up, r.bytes_down)));
       const [unit, scale] = peak >= 1e6 ? ["MB", 1e6] : ["kB", 1e3];
       SFCharts.line($("#chart-bytes"), [
-        { name: `up (${unit})`, points: data.rounds.map((r) => [r.round, r.bytes_up / scale]) },
-        { name: `down (${unit})`, points: data.rounds.map((r) => [r.round, r.bytes_down / scale]) },
+        { name: `up (${unit})`, points: closed.map((r) => [r.round, r.bytes_up / scale]) },
+        { name: `down (${unit})`, points: closed.map((r) => [r.round, r.bytes_down / scale]) },
       ], { xLabel: "round", yLabel: unit, yMin: 0, integerX: true });
-      SFCharts.bars($("#chart-answers"), data.rounds.map((r) => r.round), [
-        { name: "answered", values: data.rounds.map((r) => r.answered) },
-        { name: "late", values: data.rounds.map((r) => r.late) },
-        { name: "rejected", values: data.rounds.map((r) => r.rejected) },
+      SFCharts.bars($("#chart-answers"), closed.map((r) => r.round), [
+        { name: "answered", values: closed.map((r) => r.answered) },
+        { name: "late", values: closed.map((r) => r.late) },
+        { name: "rejected", values: closed.map((r) => r.rejected) },
       ], { xLabel: "round", yLabel: "updates" });
       const reasons = Object.entries(data.rejected_by_reason);
       $("#reasons").textContent = reasons.length ? reasons.map(([k, v]) => `${k}: ${v}`).join(" · ") : "none";
