@@ -33,6 +33,7 @@ says how many), the global value where nobody does.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping, Sequence
 
 import numpy as np
@@ -167,17 +168,7 @@ def fill_unheld(model: GlobalModel, results: Sequence[ClientResult]) -> list[Cli
             weights[name] = np.where(mine, r.weights[name], filled_by[name]).astype(np.float32)
             weights[name][~g] = 0.0
             masks[name] = g
-        out.append(
-            ClientResult(
-                device_id=r.device_id,
-                num_examples=r.num_examples,
-                weights=weights,
-                masks=masks,
-                importance=r.importance,
-                metrics=r.metrics,
-                profile=r.profile,
-            )
-        )
+        out.append(dataclasses.replace(r, weights=weights, masks=masks))
     return out
 
 

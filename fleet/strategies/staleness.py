@@ -24,6 +24,7 @@ device (``fleet.strategies.nested.aggregate_nested``): it had a vote only where 
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import numpy as np
@@ -67,13 +68,5 @@ def map_to_current(
         out[surviving] = (now[surviving].astype(np.float64) + weight * delta).astype(np.float32)
         weights[name] = out
         masks[name] = surviving
-    mapped = ClientResult(
-        device_id=result.device_id,
-        num_examples=result.num_examples,
-        weights=weights,
-        masks=masks,
-        importance=result.importance,
-        metrics=result.metrics,
-        profile=result.profile,
-    )
+    mapped = dataclasses.replace(result, weights=weights, masks=masks)
     return mapped, dropped
