@@ -273,11 +273,8 @@ def summarise(results: dict[str, list[dict[str, Any]]], args: argparse.Namespace
     lines.append("")
     lines.extend(quantised_targets(results, args))
     lines.append("")
-    lines.append("Targets (issue 4):")
-    fd, fa, fm, pf = (
-        results.get(m, [])
-        for m in METHODS[2::-1][::-1][:0] or ["feddst", "fedavg", "fedavgm", "prunefl"]
-    )
+    reproduction = len(lines)
+    fd, fa, fm, pf = (results.get(m, []) for m in ("feddst", "fedavg", "fedavgm", "prunefl"))
     if fd and fa:
         diff = fd[-1]["accuracy"] - fa[-1]["accuracy"]
         verdict = "met" if diff >= -0.01 else "missed"
@@ -304,6 +301,8 @@ def summarise(results: dict[str, list[dict[str, Any]]], args: argparse.Namespace
         ta = first_reaching(fa, 0.9, "modelled_time_s")
         verdict = "met" if tp < ta else "missed"
         lines.append(f"- modelled time to 90%: PruneFL {tp:.1f} s vs FedAvg {ta:.1f} s: {verdict}")
+    if len(lines) > reproduction:  # the reproduction's targets apply: their methods ran
+        lines.insert(reproduction, "Targets (issue 4):")
     return "\n".join(lines) + "\n"
 
 
@@ -459,7 +458,9 @@ def main(argv: list[str] | None = None) -> int:
     everything = {**compared(args), **{p.stem: read_csv(p) for p in args.out.glob("*.csv")}}
     plot({**everything, **results}, args.out / "mnist_repro.png")
     summary = summarise(results, args)
-    command = "python bench/mnist_repro.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    # The command that trains the runs: --export-only rewrites the same outputs from the stores.
+    given = sys.argv[1:] if argv is None else argv
+    command = "python bench/mnist_repro.py " + " ".join(a for a in given if a != "--export-only")
     (args.out / "summary.md").write_text(
         f"Command: `{command}` (cores: {os.cpu_count()})\n\n{summary}"
     )
