@@ -26,7 +26,7 @@ from device.data.dataset import Dataset, IndexArray
 from device.data.labelspace import LabelSpace
 from device.data.local_spec import LocalDataSpec
 from device.data.local_split import SplitMemo
-from device.data.spool import Spool
+from device.data.spool import Spool, spooled_tensor
 from device.errors import DataError
 
 __all__ = ["Decoder", "LocalExamples", "LocalSource", "ScanResult", "Snapshot"]
@@ -155,7 +155,7 @@ class LocalExamples(torch.utils.data.Dataset[tuple[torch.Tensor, int]]):
             probe, _ = self.batch(np.arange(1))
             shape = (n, *probe.shape[1:])
             if spool.wants(shape):
-                x_all = spool.tensor(shape)
+                x_all = spooled_tensor(shape, spool.directory)
                 chunk = min(chunk, max(1, SPOOL_CHUNK_BYTES // max(1, probe[0].numel() * 4)))
         for first in range(0, n, chunk):
             x, y = self.batch(np.arange(first, min(first + chunk, n)))

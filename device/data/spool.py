@@ -47,13 +47,6 @@ class Spool:
         """Whether a float32 tensor of ``shape`` is to be spooled."""
         return math.prod(shape) * 4 > self.in_memory_mb * MB
 
-    def tensor(self, shape: tuple[int, ...]) -> torch.Tensor:
-        """An uninitialised float32 tensor of ``shape``: file-backed when :meth:`wants` it,
-        else in memory."""
-        if not self.wants(shape):
-            return torch.empty(shape, dtype=torch.float32)
-        return spooled_tensor(shape, self.directory)
-
 
 def spooled_tensor(shape: tuple[int, ...], directory: Path | None = None) -> torch.Tensor:
     """An uninitialised float32 tensor of ``shape`` (at least one element) backed by a nameless
