@@ -49,7 +49,7 @@ class RoundStart:
         whole: dict[str, torch.Tensor] = {}
         for name, tensor in state.items():
             mask = masks.get(name)
-            if mask is not None and 3 * int(mask.sum()) < mask.numel():
+            if mask is not None and 3 * int(torch.count_nonzero(mask)) < mask.numel():
                 values = tensor.detach().reshape(-1).index_select(0, _flat(mask))
                 on_mask[name] = (mask, values)
             else:

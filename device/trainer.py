@@ -450,14 +450,15 @@ def _readjust(
     masks: Masks,
     momenta: Mapping[str, torch.Tensor | None],
     readjust: Readjust,
-    grow_sum: Mapping[str, torch.Tensor],
+    grow_sum: dict[str, torch.Tensor],
     *,
     seed: int,
 ) -> int:
     """FedDST's drop-and-grow on every pruned tensor, in place on ``masks``, weights and momentum.
 
     Returns the number of entries grown in total. Dropped entries are zeroed (they are now
-    masked); grown entries start at zero in the weight and in the momentum buffer.
+    masked); grown entries start at zero in the weight and in the momentum buffer. Consumes
+    ``grow_sum``: each layer's sum becomes its grow score in place and leaves the dict.
     """
     generator = None
     if readjust.grow == GrowPolicy.RANDOM:
@@ -465,15 +466,17 @@ def _readjust(
     grown_total = 0
     for name, param in params.items():
         mask = masks[name]
-        n = n_to_readjust(readjust.alpha, int(mask.sum()))
+        n = n_to_readjust(readjust.alpha, int(torch.count_nonzero(mask)))
         if generator is not None:
             grow_score = grow_scores_random(param.shape, generator)
-        else:
-            grow_score = grow_scores_gradient(grow_sum[name])
-        result = readjust_mask(mask, drop_scores_magnitude(param), grow_score, n)
+        else:  # the summed gradient becomes the score: no copy, and freed with the layer
+            grow_score = grow_scores_gradient(grow_sum.pop(name), in_place=True)
+        drop_score = drop_scores_magnitude(param)
+        result = readjust_mask(mask, drop_score, grow_score, n, scratch_scores=True)
+        del drop_score, grow_score
         zero_entries(result.dropped | result.grown, param, momenta.get(name))
         masks[name] = result.new_mask
-        grown_total += int(result.grown.sum())
+        grown_total += int(torch.count_nonzero(result.grown))
     return grown_total
 
 

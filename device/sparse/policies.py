@@ -10,6 +10,7 @@ through the dropped weights.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
@@ -22,9 +23,13 @@ def drop_scores_magnitude(weight: torch.Tensor) -> torch.Tensor:
     return weight.detach().abs()
 
 
-def grow_scores_gradient(grad: torch.Tensor) -> torch.Tensor:
-    """Grow score (RigL): ``|g|`` of the dense gradient; the largest inactive ones grow."""
-    return grad.detach().abs()
+def grow_scores_gradient(grad: torch.Tensor, *, in_place: bool = False) -> torch.Tensor:
+    """Grow score (RigL): ``|g|`` of the dense gradient; the largest inactive ones grow.
+
+    ``in_place``: ``grad`` becomes its own score (no copy), for a caller that is done with it
+    (the trainer's summed growth gradient: one layer's worth of float32 less at the peak).
+    """
+    return grad.detach().abs_() if in_place else grad.detach().abs()
 
 
 def grow_scores_random(
@@ -49,13 +54,22 @@ class Readjustment(NamedTuple):
 
 
 def readjust_mask(
-    mask: torch.Tensor, drop_score: torch.Tensor, grow_score: torch.Tensor, n: int
+    mask: torch.Tensor,
+    drop_score: torch.Tensor,
+    grow_score: torch.Tensor,
+    n: int,
+    *,
+    scratch_scores: bool = False,
 ) -> Readjustment:
     """Drop the ``n`` lowest-``drop_score`` active entries and grow ``n`` inactive entries.
 
     Growth picks the largest ``grow_score`` among the entries inactive before the drop, so an
     entry dropped now cannot grow back now. ``n`` is clipped to the number of active and of
     inactive entries, so the number of kept entries never changes. Ties go to the lower flat index.
+
+    ``scratch_scores``: the scores are the caller's to lose; float32 scores then serve as the
+    selection's working memory (overwritten) instead of being copied, one float32 copy of the
+    tensor less at the peak (25.7 MB for femnist_cnn's fc1). The result is the same.
     """
     if mask.dtype != torch.bool:
         raise ConfigError(f"readjust_mask needs a bool mask, got {mask.dtype}")
@@ -66,7 +80,7 @@ def readjust_mask(
         )
     if n < 0:
         raise ConfigError(f"readjust_mask: the number to drop and grow must be >= 0, got {n}")
-    active = int(mask.sum())
+    active = int(torch.count_nonzero(mask))  # a bool sum would make an int64 copy first
     n = min(n, active, mask.numel() - active)
     if n == 0:
         empty = torch.zeros_like(mask)
@@ -75,59 +89,110 @@ def readjust_mask(
     # A NaN weight is the first to drop; a NaN grow score is the last to grow. Candidates are
     # chosen by mask, not by +-inf sentinels alone, so an infinite score never lets an inactive
     # entry be "dropped" or an active one be "grown".
-    drop_pick = _select(drop_score, flat_mask, n, largest=False, nan=float("-inf"))
-    grow_pick = _select(grow_score, ~flat_mask, n, largest=True, nan=float("-inf"))
-    dropped = torch.zeros_like(flat_mask)
-    dropped[drop_pick] = True
-    grown = torch.zeros_like(flat_mask)
-    grown[grow_pick] = True
-    dropped = dropped.reshape(mask.shape)
-    grown = grown.reshape(mask.shape)
-    new_mask = (mask & ~dropped) | grown
+    nan = float("-inf")
+    drop_pick = _select(drop_score, flat_mask, n, largest=False, nan=nan, scratch=scratch_scores)
+    grow_pick = _select(grow_score, ~flat_mask, n, largest=True, nan=nan, scratch=scratch_scores)
+    dropped = torch.zeros_like(mask)
+    dropped.view(-1)[drop_pick] = True
+    grown = torch.zeros_like(mask)
+    grown.view(-1)[grow_pick] = True
+    new_mask = mask.clone()
+    new_mask.view(-1)[drop_pick] = False
+    new_mask.view(-1)[grow_pick] = True
     return Readjustment(new_mask=new_mask, dropped=dropped, grown=grown)
 
 
 def _select(
-    score: torch.Tensor, candidates: torch.Tensor, n: int, *, largest: bool, nan: float
+    score: torch.Tensor,
+    candidates: torch.Tensor,
+    n: int,
+    *,
+    largest: bool,
+    nan: float,
+    scratch: bool = False,
 ) -> torch.Tensor:
     """Flat indices of the ``n`` candidates with the largest (or smallest) ``score``, ties to
     the lower flat index; ``NaN`` scores count as ``nan``. ``1 <= n <= candidates.sum()``.
 
-    Memory in proportion to ``n`` beyond one float32 copy of the scores: a threshold (the n-th
-    best value, :func:`_nth_best`), then every candidate strictly better plus the lowest-index
-    candidates equal to it. Sorting every candidate (``nonzero`` + ``argsort``) held several
-    int64 and float arrays of the candidates' size: +195 MB for femnist_cnn's fc1 at density 0.1
-    (docs/benchmarks.md, "Footprint").
+    Memory: one float32 copy of the scores (none with ``scratch``: a float32 ``score`` is then
+    overwritten) plus bool temporaries and the ``n`` picks. The scores become int32 keys in
+    their own memory (:func:`_order_keys`), the n-th best key is found by radix selection
+    (:func:`_nth_largest`), then every candidate strictly better is picked plus the
+    lowest-index candidates equal to it. Sorting every candidate held several int64 and float
+    arrays of the candidates' size (+195 MB for femnist_cnn's fc1 at density 0.1), and a
+    threshold from chunked ``topk`` still +45 MB (docs/benchmarks.md, "Footprint").
     """
     worst = float("-inf") if largest else float("inf")
-    values = score.detach().reshape(-1).to(torch.float32, copy=True)
+    values = score.detach().reshape(-1)
+    if not (scratch and values.dtype == torch.float32):
+        values = values.to(torch.float32, copy=True)
     values.nan_to_num_(nan=nan)
     values.masked_fill_(~candidates, worst)
-    threshold = _nth_best(values, n, largest=largest)
-    better = (values > threshold) if largest else (values < threshold)
+    keys = _order_keys(values, largest=largest)
+    threshold = _nth_largest(keys, n)
+    better = keys > threshold
     better &= candidates
     picked = torch.nonzero(better).reshape(-1)
-    ties = torch.nonzero((values == threshold) & candidates).reshape(-1)
+    del better
+    ties = torch.nonzero((keys == threshold) & candidates).reshape(-1)
     return torch.cat([picked, ties[: n - picked.numel()]])
 
 
-_CHUNK = 1 << 18  # elements per topk call in _nth_best: 1 MB of float32
+_CHUNK = 1 << 18  # elements per step of the chunked passes below: 1 MB of int32 keys
 
 
-def _nth_best(values: torch.Tensor, n: int, *, largest: bool) -> torch.Tensor:
-    """The ``n``-th largest (or smallest) of the 1-D ``values``, as a 0-d tensor.
+def _order_keys(values: torch.Tensor, *, largest: bool) -> torch.Tensor:
+    """``values`` (1-D float32 without NaN) turned, in their own memory, into int32 keys whose
+    integer order is the values' order (reversed unless ``largest``), so that the best values
+    have the largest keys. ``-0.0`` counts as ``+0.0``; infinities order as they should.
 
-    ``topk`` over the whole tensor copies all of it with an int64 index on CPU (12 bytes per
-    element); taking each chunk's best ``n`` first bounds that copy by the chunk, and the n-th
-    best of all is the n-th best of the chunks' bests."""
-    if values.numel() > _CHUNK and n < values.numel() // 2:
-        chunks = (values[i : i + _CHUNK] for i in range(0, values.numel(), _CHUNK))
-        best = [
-            torch.topk(chunk, min(n, chunk.numel()), largest=largest, sorted=False).values
-            for chunk in chunks
-        ]
-        values = torch.cat(best)
-    return torch.topk(values, n, largest=largest, sorted=True).values[-1]
+    IEEE-754 bits read as int32 already order the non-negative floats; flipping the 31 low
+    bits of a negative one reverses the order among the negatives and keeps them below.
+    """
+    values.add_(0.0)  # -0.0 + 0.0 == +0.0: equal floats get equal keys
+    keys = values.view(torch.int32)
+    for first in range(0, keys.numel(), _CHUNK):
+        chunk = keys[first : first + _CHUNK]
+        chunk.bitwise_xor_(chunk.bitwise_right_shift(31).bitwise_and_(0x7FFFFFFF))
+        if not largest:
+            chunk.bitwise_not_()  # ~k == -k - 1: the order reversed, within int32
+    return keys
+
+
+def _nth_largest(keys: torch.Tensor, n: int) -> int:
+    """The ``n``-th largest of the 1-D int32 ``keys`` (``1 <= n <= keys.numel()``), exactly.
+
+    Radix selection in two passes over the keys, one chunk at a time: a histogram of the high
+    16 bits finds the bucket that holds the n-th largest, a histogram of the low 16 bits of the
+    keys in that bucket finds it within. No copy of the keys (``topk`` or ``kthvalue`` on CPU
+    hold 12 bytes per element), a few MB of temporaries."""
+    high = _histogram(keys, lambda chunk: chunk.bitwise_right_shift(16) + (1 << 15))
+    bucket, rank = _from_the_top(high, n)
+    in_bucket = bucket - (1 << 15)  # the signed high half, as the keys hold it
+
+    def low_of_bucket(chunk: torch.Tensor) -> torch.Tensor:
+        return chunk[chunk.bitwise_right_shift(16) == in_bucket].bitwise_and(0xFFFF)
+
+    low, _ = _from_the_top(_histogram(keys, low_of_bucket), rank)
+    return in_bucket * (1 << 16) + low
+
+
+def _histogram(keys: torch.Tensor, digit: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """Counts of ``digit(chunk)`` (values in [0, 65536)) over the chunks of ``keys``."""
+    counts = torch.zeros(1 << 16, dtype=torch.int64)
+    for first in range(0, keys.numel(), _CHUNK):
+        digits = digit(keys[first : first + _CHUNK]).to(torch.int64)
+        counts += torch.bincount(digits, minlength=1 << 16)
+    return counts
+
+
+def _from_the_top(counts: torch.Tensor, n: int) -> tuple[int, int]:
+    """The digit holding the ``n``-th largest element of a histogram, and that element's rank
+    among the ones with this digit (1 = its largest)."""
+    at_or_above = counts.flip(0).cumsum(0)  # [i]: elements with digit >= 65535 - i
+    i = int(torch.searchsorted(at_or_above, n))
+    above = int(at_or_above[i - 1]) if i > 0 else 0
+    return (1 << 16) - 1 - i, n - above
 
 
 def n_to_readjust(alpha: float, active: int) -> int:

@@ -283,3 +283,30 @@ def test_readjust_of_a_layer_larger_than_a_topk_chunk_matches_a_full_sort(
         dropped, grown = _reference_readjust(mask, drop, grow, n)
         assert torch.equal(result.dropped, dropped)
         assert torch.equal(result.grown, grown)
+
+
+@pytest.mark.parametrize("chunk", [64, 1 << 18])
+def test_scratch_scores_give_the_same_readjustment_and_only_they_are_overwritten(
+    monkeypatch: pytest.MonkeyPatch, chunk: int
+) -> None:
+    """``scratch_scores`` only saves the copies: same masks; without it the caller's scores are
+    left as they were (NaN included)."""
+    import device.sparse.policies as policies
+
+    monkeypatch.setattr(policies, "_CHUNK", chunk)
+    g = torch.Generator().manual_seed(11)
+    for _ in range(30):
+        size = int(torch.randint(200, 2000, (1,), generator=g))
+        mask = torch.rand(size, generator=g) < 0.3
+        drop = torch.randint(-4, 5, (size,), generator=g).float()
+        grow = torch.randn(size, generator=g)
+        drop[torch.rand(size, generator=g) < 0.05] = float("nan")
+        n = int(torch.randint(1, int(mask.sum()) + 1, (1,), generator=g))
+        kept_drop, kept_grow = drop.clone(), grow.clone()
+        copied = readjust_mask(mask, drop, grow, n)
+        assert torch.equal(drop.nan_to_num(0.5), kept_drop.nan_to_num(0.5))
+        assert torch.equal(grow, kept_grow)
+        scratch = readjust_mask(mask, drop, grow, n, scratch_scores=True)
+        assert not torch.equal(grow, kept_grow), "the scratch scores were copied after all"
+        for a, b in zip(copied, scratch, strict=True):
+            assert torch.equal(a, b)

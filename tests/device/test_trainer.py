@@ -275,9 +275,9 @@ def test_growth_uses_the_dense_gradient_summed_over_the_last_epoch(
     Two epochs are trained; a window of both would give twice that."""
     captured: dict[int, torch.Tensor] = {}
 
-    def spy(grad: torch.Tensor) -> torch.Tensor:
+    def spy(grad: torch.Tensor, *, in_place: bool = False) -> torch.Tensor:
         captured[len(captured)] = grad.clone()
-        return grad.abs()
+        return grad.abs_() if in_place else grad.abs()
 
     monkeypatch.setattr(trainer_module, "grow_scores_gradient", spy)
     model = make_model()
