@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from device.errors import ConfigError
-from device.sparse.masks import Masks, zero_outside
+from device.sparse.masks import Masks, flat_positions, zero_outside
 
 __all__ = ["RoundStart"]
 
@@ -50,7 +50,7 @@ class RoundStart:
         for name, tensor in state.items():
             mask = masks.get(name)
             if mask is not None and 3 * int(torch.count_nonzero(mask)) < mask.numel():
-                values = tensor.detach().reshape(-1).index_select(0, _flat(mask))
+                values = tensor.detach().reshape(-1).index_select(0, flat_positions(mask))
                 on_mask[name] = (mask, values)
             else:
                 whole[name] = tensor.detach().clone()
@@ -61,7 +61,7 @@ class RoundStart:
         dense = dict(self.whole)
         for name, (mask, values) in self.on_mask.items():
             tensor = torch.zeros_like(like[name])
-            tensor.view(-1).index_copy_(0, _flat(mask), values)
+            tensor.view(-1).index_copy_(0, flat_positions(mask), values)
             dense[name] = tensor
         return dense
 
@@ -79,7 +79,7 @@ class RoundStart:
             elif name in self.on_mask:
                 start_mask, values = self.on_mask[name]
                 delta = value.detach().clone()
-                delta.view(-1).index_add_(0, _flat(start_mask), values, alpha=-1)
+                delta.view(-1).index_add_(0, flat_positions(start_mask), values, alpha=-1)
             elif (
                 value.is_floating_point()
                 and self.whole[name].dtype == value.dtype
@@ -114,9 +114,3 @@ def _checked_start(
                 f"the model {tuple(tensor.shape)}"
             )
     return {name: held[name].detach() for name in state}
-
-
-def _flat(mask: torch.Tensor) -> torch.Tensor:
-    """Row-major positions of a mask's kept entries (int64 ``[nnz]``); a 1-D ``nonzero`` needs
-    half the index memory of indexing with the bool mask itself."""
-    return mask.reshape(-1).nonzero().squeeze(1)

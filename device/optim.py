@@ -13,6 +13,13 @@ Why not torch's own: constructing any ``torch.optim.Optimizer`` imports ``torch.
 of resident memory, for nothing a device uses: a fifth of the 400 MB a round may take on a 1 GB
 Raspberry Pi. The loop here is the single-tensor path of torch's SGD, with no other state.
 
+A tensor may have a *support* (``supports``: the sorted flat positions outside which its
+gradient and its value are always zero, a sparse layer's mask): its momentum buffer then holds
+the support's entries only, ``[k]`` floats instead of one per entry, with the same arithmetic
+bit for bit (a dense buffer would be zero off the support; on it the same ``mul_`` and
+``add_``; the step writes the momentum into the gradient's support and takes the same dense
+``add_``). For femnist_cnn's fc1 at density 0.1 that is 2.6 MB instead of 25.7 MB.
+
 ``register_step_pre_hook`` mirrors ``torch.optim.optimizer.register_optimizer_step_pre_hook``:
 a hook sees every optimiser right before its step (tests check invariants there, the device
 step benchmark times steps with it).
@@ -53,8 +60,10 @@ class MomentumSGD:
 
     ``lr`` > 0 is the step size; ``momentum`` in [0, 1); ``weight_decay`` >= 0 is added to the
     gradient in place (a step consumes the gradients). ``momenta`` seeds the momentum buffers
-    (by name, shaped like their tensors), e.g. when the trained tensors are rebuilt mid-round.
-    A tensor whose ``grad`` is None is left alone for that step, as torch does.
+    (by name, shaped like their tensors, or ``[k]`` for a tensor with a support of ``k``
+    positions), e.g. when the trained tensors are rebuilt mid-round. ``supports``: see the
+    module docstring; the caller guarantees the zeros (the trainer masks the gradients before
+    every step). A tensor whose ``grad`` is None is left alone for that step, as torch does.
     """
 
     def __init__(
@@ -65,6 +74,7 @@ class MomentumSGD:
         momentum: float,
         weight_decay: float = 0.0,
         momenta: Mapping[str, torch.Tensor] | None = None,
+        supports: Mapping[str, torch.Tensor] | None = None,
     ) -> None:
         if not lr > 0:
             raise ValueError(f"lr must be > 0, got {lr}")
@@ -76,13 +86,15 @@ class MomentumSGD:
         self.lr = lr
         self.momentum = momentum
         self.weight_decay = weight_decay
+        self.supports = dict(supports or {})
         self.momenta: dict[str, torch.Tensor] = {}
         for name, buffer in (momenta or {}).items():
-            tensor = self.tensors[name]
-            if buffer.shape != tensor.shape:
+            support = self.supports.get(name)
+            shape = self.tensors[name].shape if support is None else support.shape
+            if buffer.shape != shape:
                 raise ValueError(
-                    f"momentum of {name!r} has shape {tuple(buffer.shape)}, "
-                    f"the tensor {tuple(tensor.shape)}"
+                    f"momentum of {name!r} has shape {tuple(buffer.shape)}, expected "
+                    f"{tuple(shape)} ({'the tensor' if support is None else 'its support'})"
                 )
             self.momenta[name] = buffer
 
@@ -92,11 +104,18 @@ class MomentumSGD:
             tensor.grad = None
 
     def momentum_buffer(self, tensor: torch.Tensor) -> torch.Tensor | None:
-        """The momentum buffer of one of the trained tensors (None before its first step or
-        without momentum)."""
+        """The momentum buffer of one of the trained tensors, shaped like it (None before its
+        first step or without momentum). For a tensor with a support, a new dense tensor: the
+        buffer scattered onto its support, zero elsewhere."""
         for name, trained in self.tensors.items():
             if trained is tensor:
-                return self.momenta.get(name)
+                buffer = self.momenta.get(name)
+                support = self.supports.get(name)
+                if buffer is None or support is None:
+                    return buffer
+                dense = torch.zeros_like(tensor.detach())
+                dense.view(-1).index_copy_(0, support, buffer)
+                return dense
         return None
 
     def step(self) -> None:
@@ -111,10 +130,40 @@ class MomentumSGD:
                 if self.weight_decay > 0:
                     grad.add_(tensor, alpha=self.weight_decay)
                 if self.momentum > 0:
-                    buffer = self.momenta.get(name)
-                    if buffer is None:
-                        buffer = self.momenta[name] = grad.detach().clone()
+                    support = self.supports.get(name)
+                    if support is not None:
+                        grad = self._on_support(name, grad, support)
                     else:
-                        buffer.mul_(self.momentum).add_(grad)
-                    grad = buffer
+                        buffer = self.momenta.get(name)
+                        if buffer is None:
+                            buffer = self.momenta[name] = grad.detach().clone()
+                        else:
+                            buffer.mul_(self.momentum).add_(grad)
+                        grad = buffer
                 tensor.add_(grad, alpha=-self.lr)
+
+    def _on_support(self, name: str, grad: torch.Tensor, support: torch.Tensor) -> torch.Tensor:
+        """The momentum step of a tensor with a support: the buffer updated from the gradient's
+        support entries, then written back there; returns the gradient, now the momentum."""
+        grad = grad if grad.is_contiguous() else grad.contiguous()
+        flat = grad.view(-1)
+        entries = flat.index_select(0, support)
+        buffer = self.momenta.get(name)
+        if buffer is None:
+            buffer = self.momenta[name] = entries
+        else:
+            buffer.mul_(self.momentum).add_(entries)
+        flat.index_copy_(0, support, buffer)
+        return grad
+
+
+def move_to_support(buffer: torch.Tensor, old: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
+    """``buffer``, the values at the sorted flat positions ``old``, moved to the sorted
+    positions ``new`` (a mask changed): a position in both keeps its value, a position only in
+    ``new`` starts at 0, a position only in ``old`` is gone. What zeroing the dropped and grown
+    entries of a dense buffer does, in memory proportional to the support."""
+    if old.numel() == 0:
+        return torch.zeros(new.shape, dtype=buffer.dtype)
+    at = torch.searchsorted(old, new).clamp_(max=old.numel() - 1)
+    found = old[at] == new
+    return torch.where(found, buffer[at], torch.zeros((), dtype=buffer.dtype))

@@ -45,9 +45,16 @@ from torch import nn
 from device.deltas import RoundStart
 from device.errors import ConfigError, DataError
 from device.gradbuffers import weight_grad_buffers
-from device.optim import MomentumSGD
+from device.optim import MomentumSGD, move_to_support
 from device.seeding import derive_seed
-from device.sparse.masks import Masks, apply_masks, check_masks, masks_equal, zero_outside
+from device.sparse.masks import (
+    Masks,
+    apply_masks,
+    check_masks,
+    flat_positions,
+    masks_equal,
+    zero_outside,
+)
 from device.sparse.policies import (
     drop_scores_magnitude,
     grow_scores_gradient,
@@ -194,21 +201,34 @@ def _kernels(
         handle.detach()
 
 
+#: A masked weight (trained as a whole tensor) below this density keeps its momentum on its mask
+#: only: an int64 position and a float32 value per kept entry against 4 bytes per entry.
+COMPACT_MOMENTUM_BELOW = 1 / 3
+
+
 class _Optimised:
     """What SGD trains: every parameter, except that in the kernels' values mode the planned
     weights are replaced by their ``[nnz]`` value tensors (momentum on the mask only).
 
-    ``optimizer.tensors`` maps state_dict names to the tensors it trains; the optimiser adds
-    weight decay to their gradients in place.
+    The other masked weights below :data:`COMPACT_MOMENTUM_BELOW` density have their mask as
+    the optimiser's support (``MomentumSGD``: momentum on the mask only, the same arithmetic).
+    ``masks`` are the round's current masks (a readjustment puts new ones in, then calls
+    :meth:`remasked`). ``optimizer.tensors`` maps state_dict names to the tensors it trains; the
+    optimiser adds weight decay to their gradients in place.
     """
 
     def __init__(
-        self, model: nn.Module, handle: KernelHandle | None, settings: LocalTraining
+        self,
+        model: nn.Module,
+        handle: KernelHandle | None,
+        settings: LocalTraining,
+        masks: Masks,
     ) -> None:
         self._model = model
         self._handle = handle if handle is not None and handle.train_values else None
         self._settings = settings
-        self.optimizer = self._build({})
+        self._masks = masks
+        self.optimizer = self._build({}, self._supports())
 
     @property
     def values_mode(self) -> frozenset[str]:
@@ -219,7 +239,9 @@ class _Optimised:
     def tensors(self) -> Mapping[str, torch.Tensor]:
         return self.optimizer.tensors
 
-    def _build(self, momenta: Mapping[str, torch.Tensor]) -> MomentumSGD:
+    def _build(
+        self, momenta: Mapping[str, torch.Tensor], supports: Mapping[str, torch.Tensor]
+    ) -> MomentumSGD:
         tensors: dict[str, torch.Tensor] = dict(self._model.named_parameters())
         for name in self.values_mode:
             assert self._handle is not None
@@ -230,7 +252,18 @@ class _Optimised:
             momentum=self._settings.momentum,
             weight_decay=self._settings.weight_decay,
             momenta=momenta,
+            supports=supports,
         )
+
+    def _supports(self) -> dict[str, torch.Tensor]:
+        if self._settings.momentum == 0:
+            return {}  # no momentum buffers: positions would only cost memory
+        return {
+            name: flat_positions(mask)
+            for name, mask in self._masks.items()
+            if name not in self.values_mode
+            and int(torch.count_nonzero(mask)) < COMPACT_MOMENTUM_BELOW * mask.numel()
+        }
 
     def zero_grad(self) -> None:
         """Clear every gradient, the planned weights' dense ones included."""
@@ -239,12 +272,16 @@ class _Optimised:
 
     def dense_momenta(self, names: frozenset[str]) -> dict[str, torch.Tensor | None]:
         """Momentum of the weights ``names`` shaped like the weights (scattered from the values
-        in values mode, where it is zero off the mask), for a readjustment to edit in place."""
+        in values mode, where it is zero off the mask), for a readjustment to edit in place;
+        None where there is none, and for a momentum kept on a support (:meth:`remasked`
+        moves it to the new mask)."""
         params = dict(self._model.named_parameters())
         momenta: dict[str, torch.Tensor | None] = {}
         for name in names:
             buffer = self.optimizer.momenta.get(name)
-            if buffer is not None and name in self.values_mode:
+            if name in self.optimizer.supports:
+                buffer = None
+            elif buffer is not None and name in self.values_mode:
                 assert self._handle is not None
                 dense = torch.zeros_like(params[name])
                 dense.view(-1).index_copy_(0, self._handle.structure(name).flat_index, buffer)
@@ -253,18 +290,26 @@ class _Optimised:
         return momenta
 
     def remasked(self, dense_momenta: Mapping[str, torch.Tensor | None]) -> None:
-        """After the masks changed and the handle was refreshed: train the new value tensors,
-        their momentum gathered from ``dense_momenta``; every other buffer carries over."""
-        if self._handle is None:
+        """After the masks changed (and the handle was refreshed): train the new value tensors,
+        their momentum gathered from ``dense_momenta``; a momentum on a support moves to the new
+        mask (kept where both masks hold, 0 where grown); every other buffer carries over."""
+        old = self.optimizer
+        if self._handle is None and not old.supports:
             return
-        momenta = dict(self.optimizer.momenta)
+        momenta = dict(old.momenta)
         for name in self.values_mode:
             momenta.pop(name, None)
             dense = dense_momenta.get(name)
             if dense is not None:
+                assert self._handle is not None
                 flat = self._handle.structure(name).flat_index
                 momenta[name] = dense.view(-1).index_select(0, flat)
-        self.optimizer = self._build(momenta)
+        supports = self._supports()
+        for name, support in old.supports.items():
+            buffer = momenta.pop(name, None)
+            if buffer is not None:
+                momenta[name] = move_to_support(buffer, support, supports[name])
+        self.optimizer = self._build(momenta, supports)
 
 
 def train_round(
@@ -335,7 +380,7 @@ def train_round(
         _kernels(model, current, kernel_plan, train_values=not prox_ref) as handle,
         weight_grad_buffers(model, exclude=kernel_plan),
     ):
-        optimised = _Optimised(model, handle, settings)
+        optimised = _Optimised(model, handle, settings, current)
         while step < plan.total_steps:
             order = torch.randperm(x.shape[0], generator=shuffle)
             for first in range(0, x.shape[0], settings.batch_size):
@@ -458,7 +503,8 @@ def _readjust(
 
     Returns the number of entries grown in total. Dropped entries are zeroed (they are now
     masked); grown entries start at zero in the weight and in the momentum buffer. Consumes
-    ``grow_sum``: each layer's sum becomes its grow score in place and leaves the dict.
+    ``grow_sum`` (each layer's sum becomes its grow score in place and leaves the dict) and the
+    weights' gradients (spent by the step before: they become the drop scores, then None).
     """
     generator = None
     if readjust.grow == GrowPolicy.RANDOM:
@@ -471,7 +517,13 @@ def _readjust(
             grow_score = grow_scores_random(param.shape, generator)
         else:  # the summed gradient becomes the score: no copy, and freed with the layer
             grow_score = grow_scores_gradient(grow_sum.pop(name), in_place=True)
-        drop_score = drop_scores_magnitude(param)
+        # This step's gradient is spent (the next step clears it first): its memory holds the
+        # drop score, one float32 copy of the layer less at the peak.
+        spent, param.grad = param.grad, None
+        if spent is None or spent.shape != param.shape or not spent.is_contiguous():
+            spent = None
+        drop_score = drop_scores_magnitude(param, out=spent)
+        del spent
         result = readjust_mask(mask, drop_score, grow_score, n, scratch_scores=True)
         del drop_score, grow_score
         zero_entries(result.dropped | result.grown, param, momenta.get(name))

@@ -22,6 +22,12 @@ Masks = dict[str, torch.Tensor]
 InitMethod = Literal["magnitude", "random"]
 
 
+def flat_positions(mask: torch.Tensor) -> torch.Tensor:
+    """Row-major positions of a mask's kept entries, ascending (int64 ``[nnz]``); a 1-D
+    ``nonzero`` needs half the index memory of indexing with the bool mask itself."""
+    return mask.reshape(-1).nonzero().squeeze(1)
+
+
 def topk_mask(scores: torch.Tensor, k: int) -> torch.Tensor:
     """Bool mask of ``scores``' shape, True at the ``k`` largest scores.
 

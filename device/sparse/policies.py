@@ -18,9 +18,12 @@ import torch
 from device.errors import ConfigError
 
 
-def drop_scores_magnitude(weight: torch.Tensor) -> torch.Tensor:
-    """Drop score: ``|w|``; the smallest active ones are dropped."""
-    return weight.detach().abs()
+def drop_scores_magnitude(weight: torch.Tensor, *, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Drop score: ``|w|``; the smallest active ones are dropped. ``out``: a float tensor of
+    the weight's shape to write it into (memory the caller has no more use for)."""
+    if out is None:
+        return weight.detach().abs()
+    return torch.abs(weight.detach(), out=out)
 
 
 def grow_scores_gradient(grad: torch.Tensor, *, in_place: bool = False) -> torch.Tensor:
@@ -138,7 +141,9 @@ def _select(
     return torch.cat([picked, ties[: n - picked.numel()]])
 
 
-_CHUNK = 1 << 18  # elements per step of the chunked passes below: 1 MB of int32 keys
+#: Elements per step of the chunked passes below: 4 MB of int32 keys, a few such temporaries.
+#: Fewer, larger steps matter where threads wait on each other (each op is a parallel region).
+_CHUNK = 1 << 20
 
 
 def _order_keys(values: torch.Tensor, *, largest: bool) -> torch.Tensor:
@@ -166,7 +171,7 @@ def _nth_largest(keys: torch.Tensor, n: int) -> int:
     16 bits finds the bucket that holds the n-th largest, a histogram of the low 16 bits of the
     keys in that bucket finds it within. No copy of the keys (``topk`` or ``kthvalue`` on CPU
     hold 12 bytes per element), a few MB of temporaries."""
-    high = _histogram(keys, lambda chunk: chunk.bitwise_right_shift(16) + (1 << 15))
+    high = _histogram(keys, lambda chunk: chunk.bitwise_right_shift(16).add_(1 << 15))
     bucket, rank = _from_the_top(high, n)
     in_bucket = bucket - (1 << 15)  # the signed high half, as the keys hold it
 
@@ -181,8 +186,7 @@ def _histogram(keys: torch.Tensor, digit: Callable[[torch.Tensor], torch.Tensor]
     """Counts of ``digit(chunk)`` (values in [0, 65536)) over the chunks of ``keys``."""
     counts = torch.zeros(1 << 16, dtype=torch.int64)
     for first in range(0, keys.numel(), _CHUNK):
-        digits = digit(keys[first : first + _CHUNK]).to(torch.int64)
-        counts += torch.bincount(digits, minlength=1 << 16)
+        counts += torch.bincount(digit(keys[first : first + _CHUNK]), minlength=1 << 16)
     return counts
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from device.optim import MomentumSGD, register_step_pre_hook
+from device.optim import MomentumSGD, move_to_support, register_step_pre_hook
 
 
 def _tensors(seed: int) -> dict[str, torch.Tensor]:
@@ -97,3 +97,42 @@ def test_pre_hooks_see_every_step_until_removed() -> None:
     handle.remove()
     sgd.step()
     assert seen == [sgd, sgd]
+
+
+@pytest.mark.parametrize("weight_decay", [0.0, 1e-3])
+def test_momentum_on_a_support_equals_a_dense_buffer_bit_for_bit(weight_decay: float) -> None:
+    """A tensor whose gradient and value are zero off its support trains exactly as with a dense
+    momentum buffer, which the support keeps in k floats; the buffer reads back dense."""
+    g = torch.Generator().manual_seed(5)
+    mask = torch.rand(40, 30, generator=g) < 0.15
+    support = mask.reshape(-1).nonzero().squeeze(1)
+    start = torch.randn(40, 30, generator=g) * mask
+    dense_w, sparse_w = start.clone().requires_grad_(), start.clone().requires_grad_()
+    dense = MomentumSGD({"w": dense_w}, lr=0.05, momentum=0.9, weight_decay=weight_decay)
+    sparse = MomentumSGD(
+        {"w": sparse_w}, lr=0.05, momentum=0.9, weight_decay=weight_decay, supports={"w": support}
+    )
+    for _ in range(5):
+        grad = torch.randn(40, 30, generator=g) * mask
+        dense_w.grad, sparse_w.grad = grad.clone(), grad.clone()
+        dense.step()
+        sparse.step()
+        assert torch.equal(dense_w, sparse_w)
+    assert sparse.momenta["w"].shape == support.shape
+    assert torch.equal(sparse.momentum_buffer(sparse_w), dense.momentum_buffer(dense_w))
+
+
+def test_a_support_momentum_moves_to_a_new_mask_as_zeroing_a_dense_one_would() -> None:
+    """Kept where both masks hold, 0 where grown, gone where dropped: what the readjustment
+    does to a dense buffer (zero the dropped and grown entries, then it is zero off the mask)."""
+    g = torch.Generator().manual_seed(6)
+    for _ in range(20):
+        old = torch.rand(300, generator=g) < 0.2
+        new = (old & (torch.rand(300, generator=g) < 0.7)) | (torch.rand(300, generator=g) < 0.1)
+        dense = torch.randn(300, generator=g) * old
+        old_at, new_at = old.nonzero().squeeze(1), new.nonzero().squeeze(1)
+        moved = move_to_support(dense[old_at], old_at, new_at)
+        expected = dense.masked_fill(~(old & new), 0.0)[new_at]
+        assert torch.equal(moved, expected)
+    empty = torch.zeros(0, dtype=torch.int64)
+    assert torch.equal(move_to_support(torch.zeros(0), empty, torch.tensor([2, 5])), torch.zeros(2))

@@ -264,10 +264,10 @@ def test_readjust_result_unpacks_as_new_mask_dropped_grown() -> None:
     )
 
 
-def test_readjust_of_a_layer_larger_than_a_topk_chunk_matches_a_full_sort(
+def test_readjust_of_a_layer_of_many_chunks_matches_a_full_sort(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """The threshold comes from per-chunk bests when a layer is larger than a chunk."""
+    """The keys and the radix histograms are built chunk by chunk: a layer of many chunks."""
     import device.sparse.policies as policies
 
     monkeypatch.setattr(policies, "_CHUNK", 64)

@@ -642,3 +642,43 @@ def test_sparse_mlp_learns_digits_far_above_chance() -> None:
     assert mask_density(result.masks) == pytest.approx(0.2, abs=1e-3)
     assert accuracy_before < 0.3
     assert accuracy > 0.8
+
+
+@pytest.mark.parametrize("grow", [GrowPolicy.GRADIENT, GrowPolicy.RANDOM])
+def test_momentum_on_the_mask_trains_the_round_a_dense_buffer_trains(
+    monkeypatch: pytest.MonkeyPatch, grow: GrowPolicy
+) -> None:
+    """Below COMPACT_MOMENTUM_BELOW the momentum lives on the mask (and moves with it at the
+    readjustment): the same deltas and masks, bit for bit, as with dense buffers."""
+    readjust = Readjust(alpha=0.3, at_fraction=0.5, grow=grow)
+    results = []
+    for below in (1.0, 0.0):  # every masked weight compact, then none
+        monkeypatch.setattr(trainer_module, "COMPACT_MOMENTUM_BELOW", below)
+        model = make_model()
+        masks = make_masks(model, density=0.2)
+        results.append(train_round(model, masks, make_data(), SETTINGS, seed=5, readjust=readjust))
+    compact, dense = results
+    assert compact.mask_changed
+    for name in dense.deltas:
+        assert torch.equal(compact.deltas[name], dense.deltas[name]), name
+    for name in dense.masks:
+        assert torch.equal(compact.masks[name], dense.masks[name]), name
+
+
+def test_momentum_of_a_sparse_weight_is_kept_on_its_mask_only() -> None:
+    """What the compact momentum is for: at density 0.2 the optimiser holds k floats per
+    masked weight, not one per entry."""
+    model = make_model()
+    masks = make_masks(model, density=0.2)
+    sizes: dict[str, tuple[int, int]] = {}
+
+    def check(optimizer: MomentumSGD) -> None:
+        for name in PRUNED:
+            buffer = optimizer.momenta.get(name)
+            if buffer is not None:
+                sizes[name] = (buffer.numel(), int(torch.count_nonzero(masks[name])))
+
+    with before_every_step(check):
+        train_round(model, masks, make_data(), SETTINGS, seed=1)
+    assert set(sizes) == set(PRUNED)
+    assert all(numel == kept for numel, kept in sizes.values()), sizes
