@@ -526,9 +526,10 @@ def _readjust(
         del spent
         result = readjust_mask(mask, drop_score, grow_score, n, scratch_scores=True)
         del drop_score, grow_score
-        zero_entries(result.dropped | result.grown, param, momenta.get(name))
+        changed = torch.cat([result.dropped_at, result.grown_at])
+        zero_entries(changed, param, momenta.get(name))
         masks[name] = result.new_mask
-        grown_total += int(torch.count_nonzero(result.grown))
+        grown_total += result.grown_at.numel()
     return grown_total
 
 

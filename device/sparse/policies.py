@@ -43,17 +43,34 @@ def grow_scores_random(
 
 
 class Readjustment(NamedTuple):
-    """The outcome of one tensor's readjustment; all three are bool tensors of the weight's shape.
+    """The outcome of one tensor's readjustment: the new bool mask, and the flat (row-major)
+    positions dropped and grown (int64, ascending). ``dropped`` and ``grown`` give the same as
+    bool masks of the weight's shape, built on access.
 
-    A named tuple, so ``new_mask, dropped, grown = readjust_mask(...)`` works too.
+    Positions rather than masks: three bool masks of femnist_cnn's fc1 held 19 MB at the peak of
+    a readjustment, the positions ``2 n`` int64 (1.8 MB at density 0.1).
 
-    Invariants: ``dropped`` and ``grown`` are disjoint and have the same number of True entries;
+    Invariants: ``dropped_at`` and ``grown_at`` are disjoint and have the same length;
     ``new_mask = (old_mask & ~dropped) | grown``.
     """
 
     new_mask: torch.Tensor
-    dropped: torch.Tensor
-    grown: torch.Tensor
+    dropped_at: torch.Tensor
+    grown_at: torch.Tensor
+
+    @property
+    def dropped(self) -> torch.Tensor:
+        return _mask_at(self.new_mask, self.dropped_at)
+
+    @property
+    def grown(self) -> torch.Tensor:
+        return _mask_at(self.new_mask, self.grown_at)
+
+
+def _mask_at(like: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    mask = torch.zeros_like(like, dtype=torch.bool)
+    mask.view(-1)[positions] = True
+    return mask
 
 
 def readjust_mask(
@@ -86,58 +103,57 @@ def readjust_mask(
     active = int(torch.count_nonzero(mask))  # a bool sum would make an int64 copy first
     n = min(n, active, mask.numel() - active)
     if n == 0:
-        empty = torch.zeros_like(mask)
-        return Readjustment(new_mask=mask.clone(), dropped=empty, grown=empty.clone())
+        none = torch.zeros(0, dtype=torch.int64)
+        return Readjustment(new_mask=mask.clone(), dropped_at=none, grown_at=none.clone())
     flat_mask = mask.reshape(-1)
     # A NaN weight is the first to drop; a NaN grow score is the last to grow. Candidates are
     # chosen by mask, not by +-inf sentinels alone, so an infinite score never lets an inactive
     # entry be "dropped" or an active one be "grown".
     nan = float("-inf")
-    drop_pick = _select(drop_score, flat_mask, n, largest=False, nan=nan, scratch=scratch_scores)
-    grow_pick = _select(grow_score, ~flat_mask, n, largest=True, nan=nan, scratch=scratch_scores)
-    dropped = torch.zeros_like(mask)
-    dropped.view(-1)[drop_pick] = True
-    grown = torch.zeros_like(mask)
-    grown.view(-1)[grow_pick] = True
+    drop_pick = _select(drop_score, ~flat_mask, n, largest=False, nan=nan, scratch=scratch_scores)
+    grow_pick = _select(grow_score, flat_mask, n, largest=True, nan=nan, scratch=scratch_scores)
     new_mask = mask.clone()
     new_mask.view(-1)[drop_pick] = False
     new_mask.view(-1)[grow_pick] = True
-    return Readjustment(new_mask=new_mask, dropped=dropped, grown=grown)
+    return Readjustment(
+        new_mask=new_mask, dropped_at=drop_pick.sort().values, grown_at=grow_pick.sort().values
+    )
 
 
 def _select(
     score: torch.Tensor,
-    candidates: torch.Tensor,
+    excluded: torch.Tensor,
     n: int,
     *,
     largest: bool,
     nan: float,
     scratch: bool = False,
 ) -> torch.Tensor:
-    """Flat indices of the ``n`` candidates with the largest (or smallest) ``score``, ties to
-    the lower flat index; ``NaN`` scores count as ``nan``. ``1 <= n <= candidates.sum()``.
+    """Flat indices of the ``n`` entries not ``excluded`` (the candidates) with the largest (or
+    smallest) ``score``, ties to the lower flat index; ``NaN`` scores count as ``nan``.
+    ``1 <= n <= number of candidates``.
 
     Memory: one float32 copy of the scores (none with ``scratch``: a float32 ``score`` is then
-    overwritten) plus bool temporaries and the ``n`` picks. The scores become int32 keys in
-    their own memory (:func:`_order_keys`), the n-th best key is found by radix selection
-    (:func:`_nth_largest`), then every candidate strictly better is picked plus the
-    lowest-index candidates equal to it. Sorting every candidate held several int64 and float
-    arrays of the candidates' size (+195 MB for femnist_cnn's fc1 at density 0.1), and a
-    threshold from chunked ``topk`` still +45 MB (docs/benchmarks.md, "Footprint").
+    overwritten) plus one bool temporary at a time and the ``n`` picks. The scores become int32
+    keys in their own memory (:func:`_order_keys`), excluded entries the worst key; the n-th best
+    key is found by radix selection (:func:`_nth_largest`), then every entry strictly better is
+    picked plus the lowest-index candidates equal to it. Sorting every candidate held several
+    int64 and float arrays of the candidates' size (+195 MB for femnist_cnn's fc1 at density
+    0.1), and a threshold from chunked ``topk`` still +45 MB (docs/benchmarks.md, "Footprint").
     """
     worst = float("-inf") if largest else float("inf")
     values = score.detach().reshape(-1)
     if not (scratch and values.dtype == torch.float32):
         values = values.to(torch.float32, copy=True)
     values.nan_to_num_(nan=nan)
-    values.masked_fill_(~candidates, worst)
+    values.masked_fill_(excluded, worst)
     keys = _order_keys(values, largest=largest)
     threshold = _nth_largest(keys, n)
-    better = keys > threshold
-    better &= candidates
-    picked = torch.nonzero(better).reshape(-1)
-    del better
-    ties = torch.nonzero((keys == threshold) & candidates).reshape(-1)
+    # An excluded entry holds the worst key, never above the n-th best candidate's.
+    picked = torch.nonzero(keys > threshold).reshape(-1)
+    ties = torch.nonzero(keys == threshold).reshape(-1)
+    if threshold == _order_keys(torch.tensor([worst]), largest=largest).item():
+        ties = ties[~excluded[ties]]  # candidates scored as badly as excluded entries
     return torch.cat([picked, ties[: n - picked.numel()]])
 
 
@@ -207,12 +223,17 @@ def n_to_readjust(alpha: float, active: int) -> int:
 
 
 def zero_entries(positions: torch.Tensor, *tensors: torch.Tensor | None) -> None:
-    """Set ``tensors[positions] = 0`` in place, outside autograd (None entries are skipped).
+    """Set ``tensors[positions] = 0`` in place, outside autograd (None entries are skipped);
+    ``positions`` is a bool mask of the tensors' shape or int64 flat (row-major) positions.
 
     Used to start grown entries at zero in both the weight and the optimiser's momentum buffer,
     and to zero dropped entries.
     """
     with torch.no_grad():
         for tensor in tensors:
-            if tensor is not None:
+            if tensor is None:
+                continue
+            if positions.dtype == torch.bool:
                 tensor.masked_fill_(positions, 0.0)
+            else:
+                tensor.view(-1).index_fill_(0, positions, 0.0)

@@ -184,6 +184,9 @@ def test_zero_entries_starts_grown_weights_and_momentum_at_zero() -> None:
     zero_entries(torch.tensor([False, True, False]), weight, momentum, None)
     assert weight.tolist() == [1.0, 0.0, 3.0]
     assert momentum.tolist() == [4.0, 0.0, 6.0]
+    grid = torch.nn.Parameter(torch.arange(1.0, 7.0).reshape(2, 3))
+    zero_entries(torch.tensor([0, 4]), grid)  # flat positions, row-major
+    assert grid.tolist() == [[0.0, 2.0, 3.0], [4.0, 0.0, 6.0]]
 
 
 def test_random_grow_scores_are_reproducible_from_the_generator() -> None:
@@ -252,16 +255,16 @@ def test_schedules_refuse_impossible_settings(build: Callable[[], object]) -> No
         build()
 
 
-def test_readjust_result_unpacks_as_new_mask_dropped_grown() -> None:
-    """Callers may unpack the result positionally, in the documented order."""
-    new_mask, dropped, grown = readjust_mask(
-        torch.tensor([True, False]), torch.ones(2), torch.ones(2), 1
+def test_readjust_result_unpacks_as_new_mask_and_positions_and_gives_masks_too() -> None:
+    """Callers may unpack the result positionally, in the documented order; ``dropped`` and
+    ``grown`` read as bool masks of the weight's shape."""
+    new_mask, dropped_at, grown_at = result = readjust_mask(
+        torch.tensor([[True, False], [True, False]]), torch.ones(2, 2), torch.ones(2, 2), 1
     )
-    assert (new_mask.tolist(), dropped.tolist(), grown.tolist()) == (
-        [False, True],
-        [True, False],
-        [False, True],
-    )
+    assert new_mask.tolist() == [[False, True], [True, False]]
+    assert (dropped_at.tolist(), grown_at.tolist()) == ([0], [1])
+    assert result.dropped.tolist() == [[True, False], [False, False]]
+    assert result.grown.tolist() == [[False, True], [False, False]]
 
 
 def test_readjust_of_a_layer_of_many_chunks_matches_a_full_sort(
