@@ -219,6 +219,7 @@ def setting_specs() -> Iterator[JobSpec]:
             yield replace(target, torch_threads=4)
             yield replace(target, chunk_bytes=256 * 1024)
         yield replace(target, malloc_arena_max=2)
+        yield replace(target, malloc_mmap_threshold_kb=0)  # glibc's dynamic threshold
         yield replace(target, launcher_args=lean)
         yield replace(target, torch_threads=1, malloc_arena_max=2, launcher_args=lean)
         yield replace(target, kernels=True, torch_threads=1, malloc_arena_max=2, launcher_args=lean)

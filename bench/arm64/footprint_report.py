@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from bench.arm64.job import JobSpec
 from bench.arm64.memory import mb
 
 Entry = Mapping[str, Any]
@@ -60,6 +61,7 @@ def _setting(spec: Mapping[str, Any]) -> str:
         for part in (
             f"threads {spec['torch_threads']}" if spec["torch_threads"] != 2 else "",
             f"MALLOC_ARENA_MAX={spec['malloc_arena_max']}" if spec["malloc_arena_max"] else "",
+            "no MALLOC_MMAP_THRESHOLD_" if not spec.get("malloc_mmap_threshold_kb", 0) else "",
             f"chunks {spec['chunk_bytes'] // 1024} KiB" if spec["chunk_bytes"] else "",
             " ".join(a for a in spec["launcher_args"] if a == "--no-meta-init"),
         )
@@ -136,6 +138,7 @@ def _is_plain(e: Entry) -> bool:
     return (
         spec["torch_threads"] == 2
         and not spec["malloc_arena_max"]
+        and spec.get("malloc_mmap_threshold_kb", 0) == JobSpec.malloc_mmap_threshold_kb
         and not spec["chunk_bytes"]
         and "--no-meta-init" not in spec["launcher_args"]
     )

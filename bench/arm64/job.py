@@ -41,7 +41,9 @@ class JobSpec:
     """A device job: model, density (kept fraction; 1 = dense FedAvg), forced sparse kernels,
     local data and training (200 examples, 2 epochs of batch 20 by default), torch threads, how
     many rounds, the largest MQTT chunk (bytes; 0 = the transport's default), glibc's
-    ``MALLOC_ARENA_MAX`` (0 = unset), further ``probed_agent.py`` arguments."""
+    ``MALLOC_ARENA_MAX`` (0 = unset) and ``MALLOC_MMAP_THRESHOLD_`` in KiB (default: the Ansible
+    device role's ``fleet_device_malloc_mmap_threshold_kb``; 0 = unset), further
+    ``probed_agent.py`` arguments."""
 
     model: str = "mnist_cnn"
     density: float = 0.2
@@ -53,6 +55,7 @@ class JobSpec:
     rounds: int = 1
     chunk_bytes: int = 0
     malloc_arena_max: int = 0
+    malloc_mmap_threshold_kb: int = 1024
     launcher_args: tuple[str, ...] = ()
 
     @property
@@ -184,6 +187,9 @@ def run_job(
     environ = dict(env if env is not None else os.environ)
     if spec.malloc_arena_max:
         environ["MALLOC_ARENA_MAX"] = str(spec.malloc_arena_max)
+    environ.pop("MALLOC_MMAP_THRESHOLD_", None)
+    if spec.malloc_mmap_threshold_kb:
+        environ["MALLOC_MMAP_THRESHOLD_"] = str(spec.malloc_mmap_threshold_kb * 1024)
     pass_fds: tuple[int, ...] = ()
     read_fd = write_fd = -1
     if probe:
