@@ -273,7 +273,8 @@ class DeviceAgent:
         if parsed.kind == "run_model":
             if not message.payload:
                 return  # a cleared retained model
-            env = envelope.decode(message.payload)
+            # Kept until the next version: weights as received, dense only while a job loads them.
+            env = envelope.decode(message.payload, sparse_weights=True)
             if isinstance(env.body, ModelSnapshot):
                 with self._model_cond:
                     old = self._models.get(env.run_id)

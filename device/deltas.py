@@ -3,7 +3,7 @@
 A round must send ``final - start`` for every state_dict entry, so it keeps its start; a 1 GB Pi
 training a 26 MB model cannot afford a second dense copy of a sparse model, hence
 :class:`RoundStart` keeps a sparse tensor's start only on its mask, and reuses the caller's copy
-of the start (the received global model) when there is one.
+of the start (the received global model) where there is one.
 """
 
 from __future__ import annotations
@@ -42,19 +42,20 @@ class RoundStart:
         *,
         held: Mapping[str, torch.Tensor] | None = None,
     ) -> RoundStart:
-        """The start of ``state``; with ``held`` (the caller's copy of it) nothing is copied."""
-        if held is not None:
-            return cls({}, _checked_start(state, held), frozenset(state))
+        """The start of ``state``. ``held``: the caller's copy of it, for all entries or some
+        (nothing is copied of those; they must name entries of ``state``, with its shapes)."""
+        whole = _checked_start(state, held) if held is not None else {}
         on_mask: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-        whole: dict[str, torch.Tensor] = {}
         for name, tensor in state.items():
+            if name in whole:
+                continue
             mask = masks.get(name)
             if mask is not None and 3 * int(torch.count_nonzero(mask)) < mask.numel():
                 values = tensor.detach().reshape(-1).index_select(0, flat_positions(mask))
                 on_mask[name] = (mask, values)
             else:
                 whole[name] = tensor.detach().clone()
-        return cls(on_mask, whole)
+        return cls(on_mask, whole, frozenset(held or ()))
 
     def dense(self, like: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """The start state as dense tensors shaped like ``like`` (FedProx's default reference)."""
@@ -100,17 +101,15 @@ class RoundStart:
 def _checked_start(
     state: Mapping[str, torch.Tensor], held: Mapping[str, torch.Tensor]
 ) -> dict[str, torch.Tensor]:
-    """``held`` as the start of ``state``: the same names and shapes, else ``ConfigError``."""
-    missing, extra = set(state) - set(held), set(held) - set(state)
-    if missing or extra:
-        raise ConfigError(
-            f"start weights do not match the model: missing {sorted(missing)}, "
-            f"unexpected {sorted(extra)}"
-        )
-    for name, tensor in state.items():
-        if tuple(held[name].shape) != tuple(tensor.shape):
+    """``held`` as the start of those entries of ``state``: names of ``state`` with its shapes,
+    else ``ConfigError``."""
+    extra = set(held) - set(state)
+    if extra:
+        raise ConfigError(f"start weights name entries the model lacks: {sorted(extra)}")
+    for name, tensor in held.items():
+        if tuple(tensor.shape) != tuple(state[name].shape):
             raise ConfigError(
-                f"start weight {name!r} has shape {tuple(held[name].shape)}, "
-                f"the model {tuple(tensor.shape)}"
+                f"start weight {name!r} has shape {tuple(tensor.shape)}, "
+                f"the model {tuple(state[name].shape)}"
             )
-    return {name: held[name].detach() for name in state}
+    return {name: tensor.detach() for name, tensor in held.items()}

@@ -35,6 +35,7 @@ from device.wire.messages import (
     ModelSnapshot,
     RoundCommand,
 )
+from device.wire.sparse_weights import SparseWeights
 
 
 def job_seed(run_id: str, round_: int, device_id: str) -> int:
@@ -45,7 +46,8 @@ def job_seed(run_id: str, round_: int, device_id: str) -> int:
 def load_model(snapshot: ModelSnapshot) -> tuple[torch.nn.Module, dict[str, torch.Tensor]]:
     """Build the snapshot's model with its weights and its masks (bool tensors, by name).
 
-    The weights are copied into the model once (the snapshot stays the caller's, unchanged);
+    The weights are copied into the model once, one tensor at a time (the snapshot stays the
+    caller's, unchanged; weights kept sparse, ``SparseWeights``, are made dense one by one);
     the masks are shared with the snapshot, read-only like every mask here. The model is built
     from the snapshot's reference (``device.model_id.snapshot_ref``) and must have the
     snapshot's architecture digest (``ArchitectureMismatchError`` otherwise, before any weight
@@ -61,7 +63,8 @@ def load_model(snapshot: ModelSnapshot) -> tuple[torch.nn.Module, dict[str, torc
             f"model {snapshot.model_name!r} does not match the snapshot: "
             f"missing {sorted(missing)}, unexpected {sorted(extra)}"
         )
-    model.load_state_dict(snapshot_tensors(snapshot.weights))
+    for name in state:
+        model.load_state_dict(snapshot_tensors({name: snapshot.weights[name]}), strict=False)
     return model, snapshot_tensors(snapshot.masks)
 
 
@@ -81,16 +84,16 @@ def to_update(
 ) -> DeviceUpdate:
     """Turn a trainer result into the wire dataclass: deltas on the device's final masks."""
     deltas: dict[str, SparseTensor] = {}
-    for name, weight in snapshot.weights.items():
+    for name in snapshot.weights:  # the names only: deltas have the weights' shapes
         delta = result.deltas[name].detach().cpu().numpy().astype(np.float32, copy=False)
         if name in result.masks:
             mask: BoolArray = result.masks[name].cpu().numpy().astype(bool, copy=False)
         else:
-            mask = np.ones(weight.shape, dtype=bool)
+            mask = np.ones(delta.shape, dtype=bool)
         # All kept (dense tensors, density 1): the values are the delta itself, not a copy.
         values = delta.reshape(-1) if mask.all() else delta[mask]
         deltas[name] = SparseTensor(
-            shape=tuple(weight.shape), mask=mask, values=np.ascontiguousarray(values)
+            shape=tuple(delta.shape), mask=mask, values=np.ascontiguousarray(values)
         )
     importance: dict[str, FloatArray] = {
         name: g.detach().cpu().numpy().astype(np.float32, copy=False)
@@ -143,8 +146,15 @@ def run_round_job(
         masks = snapshot_tensors(
             nested_masks(snapshot.weights, snapshot.masks, command.density_budget)
         )
-    # The snapshot is the round's start (and FedProx's reference): the trainer copies nothing.
-    held = snapshot_tensors(snapshot.weights)
+    # The snapshot is the round's start where it holds dense arrays (and FedProx's reference):
+    # the trainer copies none of those. Weights kept sparse (SparseWeights, as the agent keeps
+    # them) hold only their fully kept tensors as arrays; the trainer keeps the pruned ones'
+    # start on their masks, not a dense copy.
+    weights = snapshot.weights
+    held = snapshot_tensors(weights.views() if isinstance(weights, SparseWeights) else weights)
+    reference = None
+    if command.training.prox_mu > 0:
+        reference = snapshot_tensors({name: weights[name] for name in weights})
     start = time.perf_counter()
     result = train_round(
         model,
@@ -154,7 +164,7 @@ def run_round_job(
         seed=seed,
         readjust=command.readjust,
         report_importance=command.report_importance,
-        global_weights=held if command.training.prox_mu > 0 else None,
+        global_weights=reference,
         kernel_plan=kernel_plan,
         start_weights=held,
         deltas_in_place=True,  # the model is this job's scratch: only the update leaves it

@@ -335,10 +335,11 @@ def train_round(
     (default: the weights the round starts from). ``kernel_plan`` names pruned weights to
     compute with sparse kernels (``device.sparse.kernels``); on the steps that need dense weight
     gradients (every step with importance, the growth window) they are asked for the full one.
-    ``start_weights`` is the model's state at the start as the caller already holds it (the
-    received global model, every state_dict entry; only its values on the masks matter for
-    pruned tensors): the round then keeps no copy of its own, a model's worth of memory less
-    at the peak, and the deltas are new tensors (the caller's are never written).
+    ``start_weights`` is the model's state at the start as the caller already holds it, for
+    every state_dict entry or some (the received global model; only its values on the masks
+    matter for pruned tensors): the round keeps no copy of those entries, and their deltas are
+    new tensors (the caller's are never written); it keeps the others itself, a sparse tensor
+    on its mask only.
     ``deltas_in_place`` is for a caller that wants the update, not the trained model (a
     device's round job): the deltas are computed in the model's own float tensors, which then
     hold ``final - start`` instead of the trained weights (no delta buffers at the end).

@@ -42,6 +42,7 @@ from device.wire.codec import (
     length_delimited,
 )
 from device.wire.pb import sparsefleet_pb2 as pb
+from device.wire.sparse_weights import SparseWeights
 
 MaskBook = Mapping[str, KnownMask]
 BookFor = Callable[[int], MaskBook | None]
@@ -247,7 +248,9 @@ def _named(tensors: Any, where: str, book: MaskBook | None = None) -> dict[str, 
     return result
 
 
-def _get_snapshot(msg: pb.ModelSnapshot, where: str) -> m.ModelSnapshot:
+def _get_snapshot(
+    msg: pb.ModelSnapshot, where: str, sparse_weights: bool = False
+) -> m.ModelSnapshot:
     tensors = _named(msg.tensors, f"{where}.tensors")
     pruned = list(_items(msg.pruned, f"{where}.pruned"))
     if len(set(pruned)) != len(pruned):
@@ -283,7 +286,11 @@ def _get_snapshot(msg: pb.ModelSnapshot, where: str) -> m.ModelSnapshot:
         version=msg.version,
         digest=msg.digest,
         mask_version=msg.mask_version,
-        weights={name: t.to_dense() for name, t in tensors.items()},
+        weights=(
+            SparseWeights(tensors)
+            if sparse_weights
+            else {name: t.to_dense() for name, t in tensors.items()}
+        ),
         masks={name: tensors[name].mask for name in pruned},
         model_ref=ref,
         architecture_digest=model_pb.get_digest(
@@ -478,7 +485,9 @@ def _put_body(env: pb.Envelope, body: m.Body) -> None:
         kind_of(body)  # raises the registry-style ValueError
 
 
-def _get_body(env: pb.Envelope, kind: str, book_for: BookFor | None) -> m.Body:
+def _get_body(
+    env: pb.Envelope, kind: str, book_for: BookFor | None, sparse_weights: bool = False
+) -> m.Body:
     if kind == "round_command":
         rc = env.round_command
         readjust = None
@@ -530,7 +539,7 @@ def _get_body(env: pb.Envelope, kind: str, book_for: BookFor | None) -> m.Body:
     if kind == "cancel_command":
         return m.CancelCommand(reason=env.cancel_command.reason)
     if kind == "model":
-        return _get_snapshot(env.model, "model")
+        return _get_snapshot(env.model, "model", sparse_weights)
     if kind == "update":
         return _get_update(env.update, book_for)
     if kind == "initial_prune_result":
@@ -645,13 +654,18 @@ def encode(
 
 
 def decode(
-    data: bytes, *, book_for: BookFor | None = None, max_bytes: int | None = None
+    data: bytes,
+    *,
+    book_for: BookFor | None = None,
+    max_bytes: int | None = None,
+    sparse_weights: bool = False,
 ) -> m.Envelope:
     """Parse and validate an envelope (see the module docstring for what is checked).
 
     ``book_for(model_version)`` returns the receiver's mask book for a DeviceUpdate's model
     version (or None when that version is unknown: then only self-contained positions decode).
-    ``max_bytes`` rejects larger payloads before parsing.
+    ``max_bytes`` rejects larger payloads before parsing. ``sparse_weights``: a ModelSnapshot's
+    weights stay as received, dense on access (``SparseWeights``), for a receiver that keeps it.
     """
     if max_bytes is not None and len(data) > max_bytes:
         raise EnvelopeDecodeError(
@@ -670,7 +684,7 @@ def decode(
     kind = msg.WhichOneof("kind")
     if kind is None:
         raise EnvelopeDecodeError("envelope has no body", reason="no_body")
-    body = _get_body(msg, kind, book_for)
+    body = _get_body(msg, kind, book_for, sparse_weights)
     return m.Envelope(
         body=body,
         run_id=msg.run_id,

@@ -29,6 +29,7 @@ from device.wire.messages import (
     ProfilePoint,
     RoundCommand,
 )
+from device.wire.sparse_weights import SparseWeights
 from device.wire.topics import Topics
 
 torch.set_num_threads(1)
@@ -127,11 +128,26 @@ def test_start_weights_that_do_not_match_the_model_are_refused() -> None:
         ConfigError, match=r"start weight 'fc1.weight' has shape \(2,\), the model \(64, 64\)"
     ):
         train_round(model, masks, make_data(), SETTINGS, seed=1, start_weights=held)
-    del held["fc1.bias"]
-    with pytest.raises(
-        ConfigError, match=r"start weights do not match the model: missing \['fc1.bias'\]"
-    ):
-        train_round(model, masks, make_data(), SETTINGS, seed=1, start_weights=held)
+    with pytest.raises(ConfigError, match=r"start weights name entries the model lacks: \['x'\]"):
+        train_round(
+            model, masks, make_data(), SETTINGS, seed=1, start_weights={"x": held["fc1.bias"]}
+        )
+
+
+def test_start_weights_for_some_entries_give_the_same_round() -> None:
+    """The caller may hold the start of some entries only (a device keeps pruned tensors sparse):
+    the round keeps the rest itself and the deltas are the same."""
+    snapshot = make_snapshot(0.3)
+    updates = []
+    for names in (None, ("fc1.bias",), ()):
+        model, masks = load_model(snapshot)
+        held = None
+        if names is not None:
+            held = {n: torch.from_numpy(np.array(snapshot.weights[n])) for n in names}
+        updates.append(train_round(model, masks, make_data(), SETTINGS, seed=1, start_weights=held))
+    for other in updates[1:]:
+        for name, delta in updates[0].deltas.items():
+            assert torch.equal(other.deltas[name], delta), name
 
 
 def test_the_agent_trains_with_the_kernels_its_profile_chooses(
@@ -175,3 +191,20 @@ def test_the_agent_trains_with_the_kernels_its_profile_chooses(
         agent.stop(timeout_s=5.0)
     assert message is not None, "no update arrived"
     assert plans == [frozenset({"fc1.weight"})]
+
+
+@pytest.mark.parametrize("prox_mu", [0.0, 0.01])
+def test_a_snapshot_kept_sparse_trains_the_same_round_as_a_dense_one(prox_mu: float) -> None:
+    """The agent keeps received models with their weights sparse (``SparseWeights``): a round
+    job from such a snapshot gives the update of the dense snapshot, bit for bit, FedProx too."""
+    dense = make_snapshot(0.1)
+    payload = envelope.encode(Envelope(body=dense, run_id="r"))
+    kept = envelope.decode(payload, sparse_weights=True).body
+    assert isinstance(kept, ModelSnapshot) and isinstance(kept.weights, SparseWeights)
+    training = LocalTraining(epochs=1, batch_size=8, lr=0.05, momentum=0.9, prox_mu=prox_mu)
+    command = RoundCommand(model_version=3, model_digest=dense.digest, training=training)
+    updates = [run_round_job(s, command, make_data(), seed=5) for s in (dense, kept)]
+    for name, delta in updates[0].deltas.items():
+        other = updates[1].deltas[name]
+        assert np.array_equal(other.mask, delta.mask), name
+        assert np.array_equal(other.values, delta.values), name

@@ -14,6 +14,7 @@ from device.wire import codec, envelope
 from device.wire import messages as m
 from device.wire.codec import KnownMask, SparseTensor
 from device.wire.pb import sparsefleet_pb2 as pb
+from device.wire.sparse_weights import SparseWeights
 
 RNG = np.random.default_rng(42)
 
@@ -315,3 +316,20 @@ def test_peek_walks_a_bounded_number_of_fields() -> None:
         envelope.peek(header + repeated + body)
     assert excinfo.value.reason == "too_large"
     assert envelope.peek(header + b"\x18\x07" * 100 + body).round == 7
+
+
+def test_a_snapshot_decoded_with_sparse_weights_reads_as_the_dense_one() -> None:
+    """``sparse_weights``: the same arrays on access, the fully kept ones as read-only views,
+    the pruned ones built anew each time (nothing dense is kept), shapes without building."""
+    payload = envelope.encode(m.Envelope(body=SNAPSHOT, run_id="r"))
+    kept = envelope.decode(payload, sparse_weights=True).body
+    assert isinstance(kept, m.ModelSnapshot) and isinstance(kept.weights, SparseWeights)
+    assert list(kept.weights) == list(WEIGHTS) and len(kept.weights) == len(WEIGHTS)
+    for name, array in WEIGHTS.items():
+        assert np.array_equal(kept.weights[name], array)
+        assert kept.weights.shape(name) == array.shape
+    assert kept.weights["fc.weight"] is not kept.weights["fc.weight"]
+    assert list(kept.weights.views()) == ["fc.bias"]
+    view = kept.weights.views()["fc.bias"]
+    assert not view.flags.writeable
+    assert kept.digest == codec.model_digest(dict(kept.weights), MASKS)
