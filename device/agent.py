@@ -36,7 +36,6 @@ from device.job import (
 )
 from device.local_data import DataCounts, DeviceData, data_for_job
 from device.model_id import ArchitectureCheck
-from device.model_watch import ModelWatch
 from device.wire import envelope
 from device.wire.codec import KnownMask
 from device.wire.messages import (
@@ -149,7 +148,7 @@ class DeviceAgent:
         self._current: _Job | None = None
         self._models: dict[str, ModelSnapshot] = {}  # run id -> newest snapshot
         self._model_cond = threading.Condition()
-        self._model_watch = ModelWatch(self.transport, self.topics, self._model_cond)
+        self._model_subs: set[str] = set()
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
         self.uploaded_bytes = 0
@@ -323,10 +322,7 @@ class DeviceAgent:
                 )
                 return
             self._seen.add(key)
-            with self._model_cond:
-                held = self._models.get(env.run_id)
-                held_version = held.version if held is not None else None
-                self._model_watch.watch(env.run_id, body.model_version, held_version)
+            self._watch_model(env.run_id)
             self._event(env, JobState.ACCEPTED)
             job = _Job(env.run_id, env.round, env.correlation_id, body)
             if not isinstance(body, EvaluateCommand):
@@ -334,6 +330,11 @@ class DeviceAgent:
             self._jobs.put(job)
             return
         self._event(env, JobState.REJECTED, f"unsupported command {type(body).__name__}")
+
+    def _watch_model(self, run_id: str) -> None:
+        if run_id not in self._model_subs:
+            self._model_subs.add(run_id)
+            self.transport.subscribe(self.topics.run_model(run_id), qos=1)
 
     # -- worker ----------------------------------------------------------------------------
 
@@ -354,7 +355,6 @@ class DeviceAgent:
             finally:
                 self._current = None
                 self._pending.pop((job.run_id, job.round), None)
-                self._model_watch.release(job.run_id)
 
     def _wait_model(self, job: _Job, version: int) -> tuple[ModelSnapshot | None, float]:
         command = job.command

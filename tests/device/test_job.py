@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
-import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -33,7 +31,6 @@ from device.wire.messages import (
 )
 from device.wire.sparse_weights import SparseWeights
 from device.wire.topics import Topics
-from device.wire.transport import Message
 
 torch.set_num_threads(1)
 
@@ -211,66 +208,3 @@ def test_a_snapshot_kept_sparse_trains_the_same_round_as_a_dense_one(prox_mu: fl
         other = updates[1].deltas[name]
         assert np.array_equal(other.mask, delta.mask), name
         assert np.array_equal(other.values, delta.values), name
-
-
-def test_an_idle_device_receives_no_models_and_a_commanded_one_fetches_its_own() -> None:
-    """The agent receives a run's model only while it has a job of that run: a version published
-    while it is idle never reaches it (a device trains 1 round in 20 in the paper's setting),
-    the next command fetches the version it names, and a job on the version held fetches none."""
-    broker, topics = MemoryBroker(), Topics()
-    data = make_data()
-    dataset = Dataset(x=data.x, y=data.y, num_classes=10)
-    transport = MemoryTransport(broker, "dev-1")
-    models: list[int] = []  # versions of the model messages the device received
-    receive = transport.get
-
-    def get(timeout_s: float | None = None) -> Message | None:
-        message = receive(timeout_s)
-        if message is not None and message.topic == topics.run_model("run-1"):
-            body = envelope.decode(message.payload).body
-            assert isinstance(body, ModelSnapshot)
-            models.append(body.version)
-        return message
-
-    transport.get = get  # type: ignore[method-assign]
-    agent = DeviceAgent(transport, lambda partition: dataset, AgentOptions(device_id="dev-1"))
-    fleet = MemoryTransport(broker, "fleet-manager")
-    fleet.connect()
-    fleet.subscribe(topics.all_updates())
-    snapshot = make_snapshot(0.3)
-
-    def publish_model(version: int) -> None:
-        body = dataclasses.replace(snapshot, version=version)
-        payload = envelope.encode(Envelope(body=body, run_id="run-1"))
-        fleet.publish(topics.run_model("run-1"), payload, retain=True)
-
-    def train(round_: int, version: int) -> int | None:
-        """Command a round on ``version``; the model version the update names."""
-        command = RoundCommand(
-            model_version=version, model_digest=snapshot.digest, training=SETTINGS
-        )
-        env = Envelope(body=command, run_id="run-1", round=round_, device_id="dev-1")
-        fleet.publish(topics.dev_cmd("dev-1"), envelope.encode(env))
-        message = fleet.get(timeout_s=30.0)
-        assert message is not None, f"no update for round {round_}"
-        fleet.ack(message)
-        peek = envelope.peek(message.payload)
-        assert peek.kind == "update"
-        return peek.model_version
-
-    agent.start()
-    try:
-        publish_model(3)
-        assert train(1, 3) == 3
-        deadline = time.monotonic() + 10.0  # the job ends (and unsubscribes) after its upload
-        while agent._model_watch.busy and time.monotonic() < deadline:
-            time.sleep(0.01)
-        publish_model(4)  # the device is idle: this must not reach it
-        publish_model(5)
-        time.sleep(0.3)
-        assert models == [3]
-        assert train(2, 5) == 5
-        assert train(3, 5) == 5  # the version held: nothing fetched
-    finally:
-        agent.stop(timeout_s=5.0)
-    assert models == [3, 5]
