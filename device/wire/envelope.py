@@ -14,7 +14,10 @@ Tensor positions: a DeviceUpdate's deltas refer to the masks of the model they w
 from (IMPLIED when unchanged, DIFF when the device's mask changed), so the sender passes that
 model's mask book and the receiver supplies it through ``book_for(model_version)``. Model
 snapshots are self-contained (ABSOLUTE or DENSE positions) so that a device joining late
-needs nothing else; importance tensors are dense fp32.
+needs nothing else, except a patch: the same snapshot encoded against the masks of a version
+its receiver holds (``encode(..., book=)``, decoded with ``decode(..., held=)``; values are
+absolute, so a patch decodes to exactly what the self-contained snapshot does). Importance
+tensors are dense fp32.
 
 Float fields declared ``float`` (32-bit) in the schema are decoded to the shortest decimal
 that rounds to the same float32, so ``lr=0.01`` comes back as ``0.01``.
@@ -215,8 +218,10 @@ def _named_chunks(field: int, name: str, encoded: EncodedTensor) -> list[Chunk]:
     )
 
 
-def _snapshot_chunks(s: m.ModelSnapshot, out: _Out) -> list[Chunk]:
-    """A ModelSnapshot message in chunks: tensors self-contained (ABSOLUTE or DENSE)."""
+def _snapshot_chunks(s: m.ModelSnapshot, out: _Out, base: MaskBook | None = None) -> list[Chunk]:
+    """A ModelSnapshot message in chunks: tensors self-contained (ABSOLUTE or DENSE), or with a
+    ``base`` (the masks of a version the receiver holds) a patch: a pruned tensor's positions
+    IMPLIED or DIFF against its base mask where that is smaller."""
     unknown = sorted(set(s.masks) - set(s.weights))
     if unknown:
         raise ValueError(f"ModelSnapshot masks without weights: {unknown}")
@@ -230,8 +235,12 @@ def _snapshot_chunks(s: m.ModelSnapshot, out: _Out) -> list[Chunk]:
     head.pruned.extend(name for name in s.weights if name in s.masks)
     chunks: list[Chunk] = [head.SerializeToString()]
     for name, weight in s.weights.items():
-        tensor = SparseTensor.from_dense(weight, s.masks.get(name))
-        encoded = encode_tensor_parts(tensor, out.dtype, rounding=out.rounding, rng=out.rng)
+        mask = s.masks.get(name)
+        tensor = SparseTensor.from_dense(weight, mask)
+        entry = base.get(name) if base is not None and mask is not None else None
+        encoded = encode_tensor_parts(
+            tensor, out.dtype, base=entry, rounding=out.rounding, rng=out.rng
+        )
         chunks += _named_chunks(5, name, encoded)
     return chunks
 
@@ -249,9 +258,9 @@ def _named(tensors: Any, where: str, book: MaskBook | None = None) -> dict[str, 
 
 
 def _get_snapshot(
-    msg: pb.ModelSnapshot, where: str, sparse_weights: bool = False
+    msg: pb.ModelSnapshot, where: str, sparse_weights: bool = False, held: MaskBook | None = None
 ) -> m.ModelSnapshot:
-    tensors = _named(msg.tensors, f"{where}.tensors")
+    tensors = _named(msg.tensors, f"{where}.tensors", held)
     pruned = list(_items(msg.pruned, f"{where}.pruned"))
     if len(set(pruned)) != len(pruned):
         raise EnvelopeDecodeError(f"{where}.pruned names a tensor twice", reason="duplicate")
@@ -330,7 +339,7 @@ def _body_chunks(body: m.Body, out: _Out) -> tuple[int, list[Chunk]] | None:
     if isinstance(body, m.DeviceUpdate):
         return 16, _update_chunks(body, out)
     if isinstance(body, m.ModelSnapshot):
-        return 15, _snapshot_chunks(body, out)
+        return 15, _snapshot_chunks(body, out, out.book)
     if isinstance(body, m.InitialPruneResult):
         head = pb.InitialPruneResult(reconfigs=body.reconfigs, train_s=body.train_s)
         head.densities.extend(body.densities)
@@ -486,7 +495,11 @@ def _put_body(env: pb.Envelope, body: m.Body) -> None:
 
 
 def _get_body(
-    env: pb.Envelope, kind: str, book_for: BookFor | None, sparse_weights: bool = False
+    env: pb.Envelope,
+    kind: str,
+    book_for: BookFor | None,
+    sparse_weights: bool = False,
+    held: MaskBook | None = None,
 ) -> m.Body:
     if kind == "round_command":
         rc = env.round_command
@@ -539,7 +552,7 @@ def _get_body(
     if kind == "cancel_command":
         return m.CancelCommand(reason=env.cancel_command.reason)
     if kind == "model":
-        return _get_snapshot(env.model, "model", sparse_weights)
+        return _get_snapshot(env.model, "model", sparse_weights, held)
     if kind == "update":
         return _get_update(env.update, book_for)
     if kind == "initial_prune_result":
@@ -633,8 +646,10 @@ def encode(
 
     ``book``: the masks of the model a DeviceUpdate was trained from, keyed by tensor name;
     deltas whose mask equals the book's travel with IMPLIED positions, changed ones as DIFF
-    (or ABSOLUTE when smaller). ``dtype``: value dtype of DeviceUpdate deltas and of snapshot
-    tensors (ModelSnapshot, InitialPruneResult); None means fp32. ``rounding``/``rng``: for
+    (or ABSOLUTE when smaller). For a ModelSnapshot, the masks of a version the receiver holds:
+    the snapshot becomes a patch, its pruned tensors' positions encoded the same way.
+    ``dtype``: value dtype of DeviceUpdate deltas and of snapshot tensors (ModelSnapshot,
+    InitialPruneResult); None means fp32. ``rounding``/``rng``: for
     int8/int4. Importance tensors always travel dense in fp32. Raises ``ValueError`` for
     values protobuf cannot hold (negative counts, ...) or non-finite values with int dtypes.
     """
@@ -659,6 +674,7 @@ def decode(
     book_for: BookFor | None = None,
     max_bytes: int | None = None,
     sparse_weights: bool = False,
+    held: MaskBook | None = None,
 ) -> m.Envelope:
     """Parse and validate an envelope (see the module docstring for what is checked).
 
@@ -666,6 +682,9 @@ def decode(
     version (or None when that version is unknown: then only self-contained positions decode).
     ``max_bytes`` rejects larger payloads before parsing. ``sparse_weights``: a ModelSnapshot's
     weights stay as received, dense on access (``SparseWeights``), for a receiver that keeps it.
+    ``held``: the masks of the snapshot the receiver holds, for a patch's IMPLIED and DIFF
+    positions (a patch against other masks fails with reason ``unknown_mask`` or
+    ``mask_mismatch``).
     """
     if max_bytes is not None and len(data) > max_bytes:
         raise EnvelopeDecodeError(
@@ -684,7 +703,7 @@ def decode(
     kind = msg.WhichOneof("kind")
     if kind is None:
         raise EnvelopeDecodeError("envelope has no body", reason="no_body")
-    body = _get_body(msg, kind, book_for, sparse_weights)
+    body = _get_body(msg, kind, book_for, sparse_weights, held)
     return m.Envelope(
         body=body,
         run_id=msg.run_id,

@@ -7,6 +7,7 @@
 | ``dev_events(d)``              | ``{prefix}/dev/{d}/events``            | 1                     |
 | ``dev_update(d, run, round)``  | ``{prefix}/dev/{d}/up/{run}/{round}``  | 1, never retained     |
 | ``run_model(run)``             | ``{prefix}/runs/{run}/model``          | 1, retained           |
+| ``run_patch(run)``             | ``{prefix}/runs/{run}/patch``          | 1, retained           |
 | ``fleet_status()``             | ``{prefix}/fleet/status``              | 1, retained; will     |
 | ``agg_close(run)``             | ``{prefix}/agg/{run}/close``           | 1, never retained     |
 | ``agg_partial(run, worker)``   | ``{prefix}/agg/{run}/partial/{worker}``| 1, never retained     |
@@ -62,6 +63,7 @@ class TopicKind(enum.StrEnum):
     DEV_EVENTS = "dev_events"
     DEV_UPDATE = "dev_update"
     RUN_MODEL = "run_model"
+    RUN_PATCH = "run_patch"
     FLEET_STATUS = "fleet_status"
     DEPLOY_NOTICE = "deploy_notice"
     DEPLOY_ARTEFACT = "deploy_artefact"
@@ -234,7 +236,13 @@ class Topics:
         return f"{self.prefix}/dev/{d}/up/{r}/{_validate_round(round_)}"
 
     def run_model(self, run_id: str) -> str:
+        """Fleet -> devices, retained: the run's current model, self-contained."""
         return f"{self.prefix}/runs/{validate_id(run_id, 'run id')}/model"
+
+    def run_patch(self, run_id: str) -> str:
+        """Fleet -> devices, retained: the same version as ``run_model``, its positions against
+        the previous version's masks where that is smaller (docs/protocol.md, "Patches")."""
+        return f"{self.prefix}/runs/{validate_id(run_id, 'run id')}/patch"
 
     def fleet_status(self) -> str:
         return f"{self.prefix}/fleet/status"
@@ -359,8 +367,9 @@ def _parse_levels(topic: str, levels: list[str]) -> ParsedTopic | None:
             run_id=_id_level(topic, levels[3], "run id"),
             round=int(levels[4]),
         )
-    if n == 3 and levels[0] == "runs" and levels[2] == "model":
-        return ParsedTopic(TopicKind.RUN_MODEL, run_id=_id_level(topic, levels[1], "run id"))
+    if n == 3 and levels[0] == "runs" and levels[2] in ("model", "patch"):
+        kind = TopicKind.RUN_MODEL if levels[2] == "model" else TopicKind.RUN_PATCH
+        return ParsedTopic(kind, run_id=_id_level(topic, levels[1], "run id"))
     if levels == ["fleet", "status"]:
         return ParsedTopic(TopicKind.FLEET_STATUS)
     if n == 3 and levels[0] == "deploy" and levels[2] in ("notice", "artefact"):

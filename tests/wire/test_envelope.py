@@ -150,7 +150,7 @@ def test_every_kind_round_trips(kind: str) -> None:
     """What one side encodes, the other side decodes to an equal dataclass."""
     env = m.Envelope(BODIES[kind], run_id="run-1", round=5, device_id="pi-07", correlation_id="c-9")
     data = envelope.encode(env, book=BOOK)
-    back = envelope.decode(data, book_for=lambda version: BOOK if version == 4 else None)
+    back = envelope.decode(data, book_for=lambda version: BOOK if version == 4 else None, held=BOOK)
     assert _same(back, env)
     assert envelope.kind_of(back.body) == kind
 
@@ -223,6 +223,50 @@ def test_snapshot_is_self_contained_and_keeps_its_digest() -> None:
     assert codec.model_digest(back.weights, back.masks) == SNAPSHOT.digest
     modes = {nt.name: nt.tensor.mode for nt in pb.Envelope.FromString(data).model.tensors}
     assert modes == {"fc.weight": pb.POSITION_MODE_ABSOLUTE, "fc.bias": pb.POSITION_MODE_DENSE}
+
+
+@pytest.mark.parametrize("dtype", [m.ValueDType.FP32, m.ValueDType.INT8])
+def test_a_patch_decodes_to_exactly_the_self_contained_snapshot(dtype: m.ValueDType) -> None:
+    """A snapshot encoded against the masks a receiver holds: IMPLIED where the mask did not
+    change, DIFF where a few positions did; fewer bytes, and the very same model decoded."""
+    changed = MASKS["fc.weight"].copy()
+    changed[0, :6] = ~changed[0, :6]  # a readjustment moved six positions
+    weights = dict(WEIGHTS, **{"fc.weight": np.where(changed, 0.5, 0).astype(np.float32)})
+    for masks, mode in (
+        (MASKS, pb.POSITION_MODE_IMPLIED),
+        ({"fc.weight": changed}, pb.POSITION_MODE_DIFF),
+    ):
+        body = m.ModelSnapshot("mnist_cnn", 5, b"d" * 32, 3, dict(WEIGHTS), masks)
+        if masks is not MASKS:
+            body = m.ModelSnapshot("mnist_cnn", 5, b"d" * 32, 5, weights, masks)
+        env = m.Envelope(body, run_id="r")
+        full = envelope.encode(env, dtype=dtype)
+        patch = envelope.encode(env, dtype=dtype, book=BOOK)
+        assert len(patch) < len(full)
+        tensors = pb.Envelope.FromString(patch).model.tensors
+        assert {nt.name: nt.tensor.mode for nt in tensors}["fc.weight"] == mode
+        a, b = envelope.decode(full).body, envelope.decode(patch, held=BOOK).body
+        assert isinstance(a, m.ModelSnapshot) and isinstance(b, m.ModelSnapshot)
+        assert a.version == b.version and a.mask_version == b.mask_version
+        for name in WEIGHTS:
+            assert np.array_equal(a.weights[name], b.weights[name]), name
+        assert np.array_equal(a.masks["fc.weight"], b.masks["fc.weight"])
+
+
+def test_a_patch_without_its_base_masks_is_refused_by_name() -> None:
+    """A receiver that holds no masks, or other masks, cannot decode a patch: the reason says
+    so, and it fetches the self-contained snapshot instead (device.model_feed)."""
+    patch = envelope.encode(m.Envelope(SNAPSHOT, run_id="r"), book=BOOK)
+    with pytest.raises(TensorDecodeError) as nothing:
+        envelope.decode(patch)
+    assert nothing.value.reason == "unknown_mask"
+    other = ~MASKS["fc.weight"]
+    with pytest.raises(TensorDecodeError) as wrong:
+        envelope.decode(patch, held={"fc.weight": KnownMask(3, other)})
+    assert wrong.value.reason == "mask_mismatch"
+    with pytest.raises(TensorDecodeError) as old:
+        envelope.decode(patch, held={"fc.weight": KnownMask(2, MASKS["fc.weight"])})
+    assert old.value.reason == "mask_mismatch"
 
 
 def test_nan_deltas_decode_faithfully_for_the_fleet_to_reject() -> None:
