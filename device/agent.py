@@ -35,6 +35,7 @@ from device.job import (
     run_round_job,
 )
 from device.local_data import DataCounts, DeviceData, data_for_job
+from device.model_feed import DEFAULT_LINGER_S, ModelFeed
 from device.model_id import ArchitectureCheck
 from device.wire import envelope
 from device.wire.codec import KnownMask
@@ -56,7 +57,7 @@ from device.wire.messages import (
     RoundCommand,
     ValueDType,
 )
-from device.wire.topics import Topics
+from device.wire.topics import TopicKind, Topics
 from device.wire.transport import Message, Transport, Will
 
 log = logging.getLogger(__name__)
@@ -72,6 +73,8 @@ class AgentOptions:
     tags: tuple[str, ...] = ()
     session_epoch: int = 0  # 0 = derive from the clock at start (monotonic across restarts)
     model_wait_s: float = 60.0  # how long to wait for the retained model of a command
+    # Seconds a run's models keep arriving after its last job ended (device.model_feed).
+    model_linger_s: float = DEFAULT_LINGER_S
     torch_threads: int = 0  # 0 = leave torch's default
     profile: DeviceProfile | None = None
     dataset_size: int = 0  # training examples at start (DeviceData: refreshed before each job)
@@ -146,9 +149,7 @@ class DeviceAgent:
         self._seen: set[tuple[str, int, str]] = set()
         self._pending: dict[tuple[str, int], _Job] = {}  # queued or running round jobs
         self._current: _Job | None = None
-        self._models: dict[str, ModelSnapshot] = {}  # run id -> newest snapshot
-        self._model_cond = threading.Condition()
-        self._model_subs: set[str] = set()
+        self.models = ModelFeed(self.transport, self.topics, linger_s=options.model_linger_s)
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
         self.uploaded_bytes = 0
@@ -224,8 +225,7 @@ class DeviceAgent:
             self._current.cancelled.set()
         self._jobs.put(None)
         self._stop.set()
-        with self._model_cond:
-            self._model_cond.notify_all()
+        self.models.wake()
         for thread in self._threads:
             thread.join(timeout_s)
         if self.deployer is not None:
@@ -248,6 +248,7 @@ class DeviceAgent:
     def _dispatch_loop(self) -> None:
         while not self._stop.is_set():
             try:
+                self.models.expire()
                 message = self.transport.get(timeout_s=0.2)
             except SparseFleetError as exc:  # the transport gave up for good (id taken over)
                 log.error("%s: stopped receiving: %s", self.device_id, exc)
@@ -270,19 +271,11 @@ class DeviceAgent:
         if self.deployer is not None and self.deployer.handles(parsed):
             self.deployer.dispatch(message)  # deployments and inference: its own thread
             return
-        if parsed.kind == "run_model":
-            if not message.payload:
-                return  # a cleared retained model
+        if parsed.kind in (TopicKind.RUN_MODEL, TopicKind.RUN_PATCH):
             # Kept until the next version: weights as received, dense only while a job loads them.
-            env = envelope.decode(message.payload, sparse_weights=True)
-            if isinstance(env.body, ModelSnapshot):
-                with self._model_cond:
-                    old = self._models.get(env.run_id)
-                    if old is None or env.body.version >= old.version:
-                        self._models[env.run_id] = env.body
-                    self._model_cond.notify_all()
+            self.models.receive(parsed.kind, parsed.run_id, message.payload)
             return
-        if parsed.kind != "dev_cmd":
+        if parsed.kind != TopicKind.DEV_CMD:
             return
         if not message.payload:
             return  # a cleared retained command topic (runs clear theirs when they end)
@@ -322,7 +315,7 @@ class DeviceAgent:
                 )
                 return
             self._seen.add(key)
-            self._watch_model(env.run_id)
+            self.models.watch(env.run_id, body.model_version)
             self._event(env, JobState.ACCEPTED)
             job = _Job(env.run_id, env.round, env.correlation_id, body)
             if not isinstance(body, EvaluateCommand):
@@ -330,11 +323,6 @@ class DeviceAgent:
             self._jobs.put(job)
             return
         self._event(env, JobState.REJECTED, f"unsupported command {type(body).__name__}")
-
-    def _watch_model(self, run_id: str) -> None:
-        if run_id not in self._model_subs:
-            self._model_subs.add(run_id)
-            self.transport.subscribe(self.topics.run_model(run_id), qos=1)
 
     # -- worker ----------------------------------------------------------------------------
 
@@ -355,6 +343,7 @@ class DeviceAgent:
             finally:
                 self._current = None
                 self._pending.pop((job.run_id, job.round), None)
+                self.models.release(job.run_id)
 
     def _wait_model(self, job: _Job, version: int) -> tuple[ModelSnapshot | None, float]:
         command = job.command
@@ -362,16 +351,13 @@ class DeviceAgent:
         if not isinstance(command, EvaluateCommand) and command.deadline_unix_s:
             deadline = min(deadline, command.deadline_unix_s)
         start = time.perf_counter()
-        with self._model_cond:
-            while not self._stop.is_set() and not job.cancelled.is_set():
-                snap = self._models.get(job.run_id)
-                if snap is not None and snap.version >= version:
-                    return (snap if snap.version == version else None), time.perf_counter() - start
-                remaining = deadline - time.time()
-                if remaining <= 0:
-                    break
-                self._model_cond.wait(min(remaining, 1.0))
-        return None, time.perf_counter() - start
+        snap = self.models.wait(
+            job.run_id,
+            version,
+            deadline,
+            give_up=lambda: self._stop.is_set() or job.cancelled.is_set(),
+        )
+        return snap, time.perf_counter() - start
 
     def _run(self, job: _Job) -> None:
         command = job.command
@@ -380,7 +366,7 @@ class DeviceAgent:
             self._event_for(job, JobState.CANCELLED, "cancelled before training")
             return
         if snapshot is None or snapshot.digest != command.model_digest:
-            have = self._models.get(job.run_id)
+            have = self.models.held(job.run_id)
             self._event_for(
                 job,
                 JobState.REJECTED,

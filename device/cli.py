@@ -175,6 +175,7 @@ def cmd_run(config_path: Path) -> int:
             tags=config.tags,
             torch_threads=config.torch_threads,
             model_wait_s=config.model_wait_s,
+            model_linger_s=config.model_linger_s,
             profile=profile,
             dataset_size=counts.train,
             eval_examples=counts.evaluation,

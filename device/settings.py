@@ -49,6 +49,7 @@ from device.config import SettingError, load
 from device.data.local_spec import LocalDataSpec
 from device.errors import ConfigError
 from device.identity import device_id_problem
+from device.model_feed import DEFAULT_LINGER_S
 from device.model_ref import ModelRef
 from device.wire.endpoint import parse_broker_url
 from device.wire.topics import validate_prefix
@@ -172,6 +173,8 @@ class DeviceConfig:
     # input_shape) as the run names it, so a user's model gets a profile of its own layers.
     profile_model: str | ModelRef = "mnist_cnn"
     model_wait_s: float = 60.0
+    # Seconds a run's models keep arriving after the device's last job of it (device.model_feed).
+    model_linger_s: float = DEFAULT_LINGER_S
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     # The models this device offers (device.model_ref: a registered name, a "pkg.mod:build"
     # factory, or a mapping with kwargs); None: the built-ins. Built when the agent starts.
@@ -195,6 +198,8 @@ class DeviceConfig:
             raise SettingError("torch_threads", "must be 0 (torch's default) or more")
         if not self.model_wait_s > 0:
             raise SettingError("model_wait_s", "must be more than 0 seconds")
+        if not self.model_linger_s >= 0:
+            raise SettingError("model_linger_s", "must be 0 seconds or more")
         try:
             profile_ref = ModelRef.of(self.profile_model)
         except ValueError as exc:

@@ -288,6 +288,8 @@ def acl_rules(prefix: str = DEFAULT_PREFIX, fleet_user: str = FLEET_MANAGER_USER
             ("read", f"{p}/dev/%u/cmd/#"),
             ("read", f"{p}/runs/+/model"),
             ("read", f"{p}/runs/+/model/#"),
+            ("read", f"{p}/runs/+/patch"),
+            ("read", f"{p}/runs/+/patch/#"),
             ("read", f"{p}/fleet/status"),
             ("read", f"{p}/deploy/+/notice"),
             ("read", f"{p}/deploy/+/notice/#"),

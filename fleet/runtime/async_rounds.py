@@ -80,6 +80,7 @@ class _Step:
     rejected: int = 0
     upload_bytes: int = 0
     download_bytes: int = 0
+    download_whole_bytes: int = 0  # what download_bytes would be without model patches
     failed: set[str] = field(default_factory=set)
 
 
@@ -220,10 +221,10 @@ class AsyncRounds:
             device_command = dataclasses.replace(
                 command, density_budget=budgets.get(device_id, 0.0)
             )
-            sent = self.commands.send_round(device_id, k, device_command)
-            down = self.commands.snapshot_bytes + sent
-            step.download_bytes += down
-            self.store.add_traffic(spec.run_id, k, device_id, down=down)
+            down = self.commands.send_round(device_id, k, device_command)
+            step.download_bytes += down.bytes
+            step.download_whole_bytes += down.whole
+            self.store.add_traffic(spec.run_id, k, device_id, down=down.bytes)
             self.in_flight[device_id] = (k, start)
         self.commands.fleet_status(k, len(self.in_flight), len(self.buffer))
         return step
@@ -457,6 +458,7 @@ class AsyncRounds:
             metrics.update(self.evaluator(model))
         density = model_density(model)
         metrics["in_flight"] = float(len(self.in_flight))
+        metrics["download_whole_bytes"] = float(step.download_whole_bytes)
         report = RoundReport(
             round=step.round,
             selected=step.selected,

@@ -49,6 +49,7 @@ class RoundState:
     rejected: int = 0
     upload_bytes: int = 0
     download_bytes: int = 0
+    download_whole_bytes: int = 0  # what download_bytes would be without model patches
     # Per-device density budgets of this round (fleet.runtime.budget_plan; absent: none) and
     # the round's FedDST readjustment, which the budget check needs.
     budgets: dict[str, float] = field(default_factory=dict)

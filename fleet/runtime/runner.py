@@ -368,10 +368,10 @@ class Runner:
                 continue
             budget = state.budgets.get(device_id, 0.0)
             device_command = dataclasses.replace(command, density_budget=budget)
-            sent = self.commands.send_round(device_id, state.round, device_command)
-            down = self.commands.snapshot_bytes + sent
-            state.download_bytes += down
-            self.store.add_traffic(self.spec.run_id, state.round, device_id, down=down)
+            down = self.commands.send_round(device_id, state.round, device_command)
+            state.download_bytes += down.bytes
+            state.download_whole_bytes += down.whole
+            self.store.add_traffic(self.spec.run_id, state.round, device_id, down=down.bytes)
         self.commands.fleet_status(state.round, len(state.selected), state.count)
 
     def _aggregate(
@@ -448,6 +448,7 @@ class Runner:
             # The workers judged this round's updates; they recorded what they refused.
             state.rejected = self.collector.stored_rejections(round_)
         received = state.received
+        metrics["download_whole_bytes"] = float(state.download_whole_bytes)
         report = RoundReport(
             round=round_,
             selected=state.selected,
