@@ -18,7 +18,9 @@ setting, e.g. ``feddst_int8-int8`` or ``feddst_int8-int8_d0.1_split1``.
 Each label runs in its own process with its own store under ``--work/LABEL``; an interrupted
 benchmark resumes where it stopped (the runner resumes runs from the store). Outputs in ``--out``:
 one CSV per label (``COLUMNS``: the label's settings, then ``round, accuracy, loss, upload_bytes,
-download_bytes, density, modelled_time_s``; bytes and modelled time cumulative),
+download_bytes, download_whole_bytes, density, modelled_time_s``; bytes and modelled time
+cumulative; ``download_whole_bytes`` is what the same downloads would have been without model
+patches, docs/protocol.md),
 ``mnist_repro.png`` (accuracy against rounds, and against cumulative uploaded MB on a log axis,
 for every CSV in ``--out`` and in each ``--compare`` folder) and ``summary.md`` (table and the
 issues' targets).
@@ -60,6 +62,7 @@ COLUMNS = (
     "loss",
     "upload_bytes",
     "download_bytes",
+    "download_whole_bytes",
     "density",
     "modelled_time_s",
 )
@@ -193,7 +196,7 @@ def export(method: str, args: argparse.Namespace) -> list[dict[str, Any]]:
     options = PruneFLOptions(training=LocalTraining(**training(args)))
     cost = cost_model([(None, 40)], shapes, pruned, options)
     rows: list[dict[str, Any]] = []
-    up = down = 0
+    up = down = whole = 0.0
     modelled = 0.0
     with Store(store_dir, create=False) as store:
         run_id = f"mnist-{name}"
@@ -202,6 +205,9 @@ def export(method: str, args: argparse.Namespace) -> list[dict[str, Any]]:
                 continue
             up += record.bytes_up
             down += record.bytes_down
+            # Without model patches (the self-contained snapshot for every download); stores
+            # from before patches existed downloaded whole.
+            whole += float(record.metrics.get("download_whole_bytes", record.bytes_down))
             checkpoint = store.load_checkpoint(run_id, record.model_version_in)
             model_in = GlobalModel(
                 record.model_version_in,
@@ -226,6 +232,7 @@ def export(method: str, args: argparse.Namespace) -> list[dict[str, Any]]:
                     "loss": float(metrics["loss"]),
                     "upload_bytes": float(up),
                     "download_bytes": float(down),
+                    "download_whole_bytes": whole,
                     "density": float(metrics["density"]),
                     "modelled_time_s": modelled,
                 }
@@ -256,9 +263,9 @@ def first_reaching(rows: list[dict[str, Any]], accuracy: float, key: str) -> flo
 
 def summarise(results: dict[str, list[dict[str, Any]]], args: argparse.Namespace) -> str:
     lines = [
-        "| method | rounds | final accuracy | upload (MB) | download (MB) | final density |"
-        " modelled time to 90% (s) |",
-        "|---|---:|---:|---:|---:|---:|---:|",
+        "| method | rounds | final accuracy | upload (MB) | download (MB) | without patches (MB) |"
+        " final density | modelled time to 90% (s) |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for method, rows in results.items():
         if not rows:
@@ -268,7 +275,7 @@ def summarise(results: dict[str, list[dict[str, Any]]], args: argparse.Namespace
         lines.append(
             f"| {method} | {int(last['round'])} | {last['accuracy']:.4f} | "
             f"{last['upload_bytes'] / 1e6:.1f} | {last['download_bytes'] / 1e6:.1f} | "
-            f"{last['density']:.3f} | {t90:.1f} |"
+            f"{last['download_whole_bytes'] / 1e6:.1f} | {last['density']:.3f} | {t90:.1f} |"
         )
     lines.append("")
     lines.extend(quantised_targets(results, args))
@@ -352,6 +359,7 @@ def read_csv(path: Path) -> list[dict[str, Any]]:
     for row in rows:
         item: dict[str, Any] = {"label": path.stem, "method": path.stem.split("_")[0]}
         item.update({"upload_values": "fp32", "download_values": "fp32", "split_seed": 0})
+        item["download_whole_bytes"] = float(row["download_bytes"])  # before patches existed
         for key, value in row.items():
             item[key] = (
                 value
