@@ -156,14 +156,17 @@ def test_tag_budgets_train_nested_subnetworks_and_every_update_is_accepted(
     with Store(tmp_path, create=False) as store:
         assert store.rejection_counts(run_id="t") == {}
         seen = {"slow": set(), "fast": set()}
+        trained = set()
         for report in reports:
             for row in store.updates_for_round("t", report.round):
                 seen[plan[row.device_id].name].add(round(float(row.meta["density"]), 2))
+                trained.add(row.device_id)
         # The run report lists the density each device trained at.
         table = "\n".join(device_density_lines(store, ["t"]))
     assert seen["slow"] == {0.1}
     assert all(d > 0.1 for d in seen["fast"])
-    slow_id = next(d for d, c in plan.items() if c.name == "slow")
+    # A slow device that trained (on 2 busy cores one may miss every deadline it was given).
+    slow_id = next(d for d, c in sorted(plan.items()) if c.name == "slow" and d in trained)
     assert "Density each device trained at" in table
     assert any(line.startswith(f"| {slow_id} |") and "0.1" in line for line in table.splitlines())
     if strategy == "feddst":
