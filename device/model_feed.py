@@ -11,11 +11,11 @@ positions against the masks of the version before it (values absolute, so a patc
 exactly the self-contained snapshot), a fraction of the snapshot's bytes when masks rarely
 change. The self-contained snapshot on the model topic is fetched only when the device holds no
 model of the run, or when a patch refers to masks it does not hold (it missed a mask change) or
-does not decode; it is left again once received (docs/protocol.md, "Patches").
+does not decode; it is left again once received (docs/protocol.md, "Models").
 
 Threads: ``receive`` and ``expire`` run on the agent's dispatch thread, ``watch`` there too,
 ``release`` and ``wait`` on its worker; everything that decides and (un)subscribes holds
-``cond``, so a command and a job's end never interleave between deciding and subscribing.
+one lock, so a command and a job's end never interleave between deciding and subscribing.
 """
 
 from __future__ import annotations
@@ -64,7 +64,7 @@ class ModelFeed:
         self._topics = topics
         self._linger_s = linger_s
         self._clock = clock
-        self.cond = threading.Condition()
+        self._cond = threading.Condition()
         self._models: dict[str, ModelSnapshot] = {}
         self._books: dict[str, tuple[int, dict[str, KnownMask]]] = {}  # run -> held masks
         self._jobs: Counter[str] = Counter()
@@ -76,18 +76,18 @@ class ModelFeed:
 
     def held(self, run_id: str) -> ModelSnapshot | None:
         """The newest snapshot of ``run_id`` held, or None."""
-        with self.cond:
+        with self._cond:
             return self._models.get(run_id)
 
     @property
     def busy(self) -> bool:
         """Whether any run has a job queued or running."""
-        with self.cond:
+        with self._cond:
             return bool(self._jobs)
 
     def subscriptions(self, run_id: str) -> frozenset[TopicKind]:
         """The model topics of ``run_id`` received now."""
-        with self.cond:
+        with self._cond:
             return frozenset(self._subscribed.get(run_id, ()))
 
     # -- jobs ------------------------------------------------------------------------------
@@ -95,7 +95,7 @@ class ModelFeed:
     def watch(self, run_id: str, version: int) -> None:
         """A job of ``run_id`` on model ``version`` was queued: receive the run's models unless
         the snapshot held is that version or newer (the job then runs on it, or is refused)."""
-        with self.cond:
+        with self._cond:
             self._jobs[run_id] += 1
             self._idle_since.pop(run_id, None)
             held = self._models.get(run_id)
@@ -108,7 +108,7 @@ class ModelFeed:
     def release(self, run_id: str) -> None:
         """A job of ``run_id`` ended; after the last one, the run's models are received for
         ``linger_s`` more seconds (``expire``)."""
-        with self.cond:
+        with self._cond:
             self._jobs[run_id] -= 1
             if self._jobs[run_id] > 0:
                 return
@@ -119,7 +119,7 @@ class ModelFeed:
     def expire(self) -> None:
         """Stop receiving the models of runs idle for ``linger_s`` (called periodically)."""
         now = self._clock()
-        with self.cond:
+        with self._cond:
             for run_id, since in list(self._idle_since.items()):
                 if now - since >= self._linger_s:
                     del self._idle_since[run_id]
@@ -131,7 +131,7 @@ class ModelFeed:
     ) -> ModelSnapshot | None:
         """The snapshot of ``version`` once held; None when a newer one is held instead, at the
         deadline (wall clock, seconds), or when ``give_up()`` turns true."""
-        with self.cond:
+        with self._cond:
             while not give_up():
                 snap = self._models.get(run_id)
                 if snap is not None and snap.version >= version:
@@ -139,13 +139,13 @@ class ModelFeed:
                 remaining = deadline_unix_s - time.time()
                 if remaining <= 0:
                     return None
-                self.cond.wait(min(remaining, 1.0))
+                self._cond.wait(min(remaining, 1.0))
         return None
 
     def wake(self) -> None:
         """Wake every ``wait`` (to check ``give_up``)."""
-        with self.cond:
-            self.cond.notify_all()
+        with self._cond:
+            self._cond.notify_all()
 
     # -- messages --------------------------------------------------------------------------
 
@@ -164,7 +164,7 @@ class ModelFeed:
                     return  # nothing newer (the retained patch of the version held)
                 env = envelope.decode(payload, sparse_weights=True, held=self._book(run_id, held))
             except DecodeError as exc:
-                with self.cond:
+                with self._cond:
                     if self._jobs[run_id] > 0 or run_id in self._idle_since:
                         self._subscribe(run_id, _MODEL)
                 if exc.reason in ("unknown_mask", "mask_mismatch"):
@@ -182,7 +182,7 @@ class ModelFeed:
                 f"{env.run_id!r}",
                 reason="bad_field",
             )
-        with self.cond:
+        with self._cond:
             old = self._models.get(run_id)
             if old is None or body.version > old.version:
                 self._models[run_id] = body
@@ -192,7 +192,7 @@ class ModelFeed:
                     self.snapshots += 1
             if kind == _MODEL:
                 self._unsubscribe(run_id, _MODEL)  # patches follow from here
-            self.cond.notify_all()
+            self._cond.notify_all()
 
     def _book(self, run_id: str, held: ModelSnapshot | None) -> dict[str, KnownMask] | None:
         """The held snapshot's masks as a mask book; cached per mask version (equal mask

@@ -241,7 +241,7 @@ class Topics:
 
     def run_patch(self, run_id: str) -> str:
         """Fleet -> devices, retained: the same version as ``run_model``, its positions against
-        the previous version's masks where that is smaller (docs/protocol.md, "Patches")."""
+        the previous version's masks where that is smaller (docs/protocol.md, "Models")."""
         return f"{self.prefix}/runs/{validate_id(run_id, 'run id')}/patch"
 
     def fleet_status(self) -> str:

@@ -4,7 +4,7 @@ Every version of the model goes out twice, both retained: self-contained on ``ru
 a patch on ``run_patch``, its pruned tensors' positions against the masks of the version
 published before it (IMPLIED where a mask did not change, DIFF where it did) when that is
 smaller. Values are absolute in both, so a device decodes the same model from either; one that
-holds a model with the patch's base masks takes the patch (docs/protocol.md, "Patches").
+holds a model with the patch's base masks takes the patch (docs/protocol.md, "Models").
 
 Every message is an ``envelope`` on a topic built by ``Topics``; commands carry the correlation
 id ``{run}/{round}/{device}`` and go out with QoS 1 without waiting for the broker's
