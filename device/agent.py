@@ -391,7 +391,7 @@ class DeviceAgent:
             result = run_initial_prune_job(snapshot, command, data, seed=seed)
             self._upload(job, result, book=None, dtype=None)
             return
-        plan = kernel_plan_for(self.options.profile, snapshot)
+        plan = kernel_plan_for(self.options.profile, snapshot, command.density_budget)
         if plan:
             log.debug("round %d: sparse kernels for %s", job.round, ", ".join(sorted(plan)))
         update = run_round_job(

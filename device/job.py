@@ -21,7 +21,7 @@ from device.model_id import check_model, snapshot_ref
 from device.models import empty_model
 from device.prune_init import initial_prune
 from device.seeding import derive_seed
-from device.sparse.nested import nested_masks
+from device.sparse.nested import nested_densities, nested_masks
 from device.trainer import RoundResult, evaluate, train_round
 from device.wire.codec import SparseTensor, model_digest
 from device.wire.messages import (
@@ -112,10 +112,13 @@ def to_update(
     )
 
 
-def kernel_plan_for(profile: DeviceProfile | None, snapshot: ModelSnapshot) -> frozenset[str]:
+def kernel_plan_for(
+    profile: DeviceProfile | None, snapshot: ModelSnapshot, budget: float = 0.0
+) -> frozenset[str]:
     """The pruned weights to compute with sparse kernels this round (empty: masked dense).
 
-    ``choose_plan`` at the densities of the snapshot's masks, when this device's profile was
+    ``choose_plan`` at the densities the device trains at (the snapshot's masks, or under a
+    density ``budget`` > 0 their nested subnetwork's), when this device's profile was
     measured on the snapshot's model; without a profile, or with one of another model, every
     layer stays masked dense (a profile of other shapes says nothing about these). A FedDST
     readjustment keeps each layer's density, so the plan holds for the whole round.
@@ -124,8 +127,8 @@ def kernel_plan_for(profile: DeviceProfile | None, snapshot: ModelSnapshot) -> f
         return frozenset()
     from device.sparse.kernels import choose_plan  # lazy: a device without a profile never needs it
 
-    densities = {n: float(np.count_nonzero(m)) / max(1, m.size) for n, m in snapshot.masks.items()}
-    return choose_plan(profile, densities)
+    # The densities the device trains at: the nested subnetwork's under a density budget.
+    return choose_plan(profile, nested_densities(snapshot.masks, budget))
 
 
 def run_round_job(

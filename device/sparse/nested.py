@@ -27,7 +27,7 @@ import numpy.typing as npt
 
 BoolArray = npt.NDArray[np.bool_]
 
-__all__ = ["global_density", "nested_count", "nested_masks"]
+__all__ = ["global_density", "largest_first", "nested_count", "nested_densities", "nested_masks"]
 
 
 def global_density(masks: Mapping[str, npt.NDArray[np.bool_]]) -> float:
@@ -45,6 +45,35 @@ def nested_count(kept: int, budget: float, density: float) -> int:
     if not budget > 0.0 or budget >= density:
         return kept
     return min(kept, max(1, round(kept * budget / density)))
+
+
+def nested_densities(masks: Mapping[str, BoolArray], budget: float) -> dict[str, float]:
+    """Each layer's kept fraction in the nested subnetwork at ``budget`` (``nested_masks``'s
+    counts over the layer's size), without ranking any weights: what a device's kernel plan is
+    chosen at."""
+    density = global_density(masks)
+    return {
+        name: nested_count(int(np.count_nonzero(m)), budget, density) / max(1, int(m.size))
+        for name, m in masks.items()
+    }
+
+
+def largest_first(magnitude: npt.NDArray[np.floating], keep: int) -> npt.NDArray[np.intp]:
+    """Indices of the ``keep`` largest entries of ``magnitude`` (1-D, no NaN), ties broken by
+    the lower index: the first ``keep`` of a stable sort by decreasing value, in O(n).
+
+    ``np.partition`` finds the ``keep``-th largest value; everything above it is kept, and of
+    the entries equal to it the lowest indices fill the rest. Returned in increasing order.
+    """
+    n = int(magnitude.size)
+    if keep >= n:
+        return np.arange(n)
+    if keep <= 0:
+        return np.arange(0)
+    threshold = np.partition(magnitude, n - keep)[n - keep]
+    above = np.flatnonzero(magnitude > threshold)
+    ties = np.flatnonzero(magnitude == threshold)[: keep - above.size]
+    return np.sort(np.concatenate([above, ties]))
 
 
 def nested_masks(
@@ -73,8 +102,6 @@ def nested_masks(
             nested[slots] = True
         elif keep > 0:
             magnitude = np.abs(np.asarray(weights[name], dtype=np.float32).reshape(-1)[slots])
-            # Stable sort of -|w| over increasing positions: ties keep the lower index first.
-            order = np.argsort(-magnitude, kind="stable")
-            nested[slots[order[:keep]]] = True
+            nested[slots[largest_first(magnitude, keep)]] = True
         out[name] = nested.reshape(mask.shape)
     return out

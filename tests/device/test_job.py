@@ -94,6 +94,16 @@ def test_the_plan_follows_the_profile_at_the_snapshots_densities() -> None:
     assert kernel_plan_for(profile, make_snapshot(1.0)) == frozenset()
 
 
+def test_under_a_density_budget_the_plan_follows_the_budgets_densities() -> None:
+    """A device trains its nested subnetwork, so the plan is chosen at that density: a layer
+    whose sparse step only wins below the global density computes sparsely under a budget."""
+    profile = profile_of("mlp", {0.1: 2e-4, 0.3: 2e-3, 1.0: 3e-3})
+    snapshot = make_snapshot(0.3)
+    assert kernel_plan_for(profile, snapshot) == frozenset()
+    assert kernel_plan_for(profile, snapshot, budget=0.1) == {"fc1.weight"}
+    assert kernel_plan_for(profile, snapshot, budget=0.5) == frozenset()  # above: the global mask
+
+
 def test_no_profile_or_a_profile_of_another_model_plans_nothing() -> None:
     """Times measured on other shapes say nothing about this model's layers."""
     snapshot = make_snapshot(0.3)

@@ -11,7 +11,13 @@ import numpy as np
 import pytest
 
 from device.errors import ConfigError, ValidationError
-from device.sparse.nested import global_density, nested_count, nested_masks
+from device.sparse.nested import (
+    global_density,
+    largest_first,
+    nested_count,
+    nested_densities,
+    nested_masks,
+)
 from device.wire import envelope
 from device.wire.messages import (
     DeviceProfile,
@@ -294,3 +300,24 @@ def test_a_run_refuses_budgets_with_the_next_late_policy() -> None:
     RunSpec(**common, clients_per_round=1, budgets="auto")
     with pytest.raises(ConfigError, match="late_policy"):
         RunSpec(**common, clients_per_round=1, budgets="auto", late_policy="next")
+
+
+def test_largest_first_is_a_stable_sort_by_decreasing_magnitude() -> None:
+    """The O(n) selection keeps exactly what a stable sort would: ties go to the lower index,
+    on both sides of the wire (the fleet manager validates against the same subnetwork)."""
+    rng = np.random.default_rng(3)
+    for trial in range(500):
+        n = int(rng.integers(1, 50))
+        values = rng.integers(0, 4, n) if trial % 2 else rng.random(n)
+        magnitude = values.astype(np.float32)
+        keep = int(rng.integers(0, n + 2))
+        expected = np.sort(np.argsort(-magnitude, kind="stable")[:keep])
+        assert np.array_equal(largest_first(magnitude, keep), expected), (magnitude, keep)
+
+
+def test_nested_densities_are_the_nested_masks_densities() -> None:
+    """The kernel plan's densities (no ranking) match the subnetwork actually trained."""
+    model = _model()
+    masks = nested_masks(model.weights, model.masks, 0.1)
+    expected = {n: float(m.sum()) / m.size for n, m in masks.items()}
+    assert nested_densities(model.masks, 0.1) == pytest.approx(expected)
