@@ -9,6 +9,8 @@ user's factory can fail is one ``ConfigError`` naming it.
 
 from __future__ import annotations
 
+import importlib.metadata
+import logging
 import subprocess
 import sys
 import tomllib
@@ -31,7 +33,14 @@ from device.model_id import (
     snapshot_ref,
 )
 from device.model_ref import ModelOffer, ModelRef
-from device.model_registry import BUILTIN, GROUP, ModelFactoryError, lookup, model_names
+from device.model_registry import (
+    BUILTIN,
+    GROUP,
+    ModelFactoryError,
+    lookup,
+    model_names,
+    registered,
+)
 from device.models import create_model, empty_model, find_model_spec, model_spec, prunable_names
 from device.wire.messages import ModelSnapshot
 from tests.model_packages import make_package, unique_name
@@ -125,12 +134,27 @@ def test_two_packages_registering_one_name_make_it_ambiguous(
 
 
 def test_a_package_cannot_take_over_a_builtin_name(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     name = unique_name()
     make_package(tmp_path, name, entry_points={"mlp": f"{name}:build_custom"})
     monkeypatch.syspath_prepend(str(tmp_path))
     assert lookup("mlp").target == "device.models:MLP"
+    with caplog.at_level(logging.WARNING, logger="device.model_registry"):
+        assert [e.target for e in registered()["mlp"]] == ["device.models:MLP"]
+    assert "is a built-in model name" in caplog.text  # said where the table is listed
+
+
+def test_a_builtin_name_is_looked_up_without_reading_installed_metadata(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A device looks its model up once per job: a built-in needs no 3 ms metadata scan."""
+
+    def scan(**_: object) -> object:
+        raise AssertionError("entry points scanned for a built-in name")
+
+    monkeypatch.setattr(importlib.metadata, "entry_points", scan)
+    assert lookup("femnist_cnn").target == BUILTIN["femnist_cnn"]
 
 
 # -- factories and their errors --------------------------------------------------------------
