@@ -39,6 +39,8 @@ from device.wire.topics import Topics
 from device.wire.transport import Transport
 from fleet.sim.fleet_classes import (
     DeviceClass,
+    HostCores,
+    JobClock,
     assign_classes,
     class_hardware,
     coerce_classes,
@@ -281,12 +283,15 @@ class SimulatedAgent(DeviceAgent):
         faults: Faults,
         device_class: DeviceClass | None = None,
         seed: int = 0,
+        cores: HostCores | None = None,
     ) -> None:
         super().__init__(transport, data, options)
         self.fault = fault
         self.faults = faults
         self.device_class = device_class
         self.seed = seed
+        self.cores = cores
+        self._clock = threading.local()  # the running job's JobClock, per worker thread
 
     def _run(self, job: Any) -> None:
         if self.fault == "never":
@@ -308,13 +313,25 @@ class SimulatedAgent(DeviceAgent):
         delay = self.faults.latency_s + (self.faults.late_delay_s if self.fault == "late" else 0)
         if delay > 0:
             job.cancelled.wait(delay)
-        super()._run(job)
+        self._clock.job = JobClock.start()  # _upload runs in this thread, within this call
+        cores = self.cores if cls is not None else None
+        if cores is not None and not cores.take(job.cancelled):
+            return
+        try:
+            super()._run(job)
+        finally:
+            if cores is not None:
+                cores.give_back()
 
     def _upload(self, job: Any, body: Any, **kwargs: Any) -> None:
-        """A slower class's job takes ``train_s / speed`` seconds: train at host speed, sleep the
-        rest (cancellable), and report the simulated time as ``train_s``."""
-        if self.device_class is not None and isinstance(body, DeviceUpdate):
-            body = slow_down(body, self.device_class, job.cancelled.wait)
+        """A slower class's job takes ``compute_s / speed`` seconds: compute at host speed,
+        give the host core back, sleep the rest (cancellable), report the simulated time as
+        ``train_s``."""
+        if self.cores is not None:
+            self.cores.give_back()
+        clock = getattr(self._clock, "job", None)
+        if self.device_class is not None and isinstance(body, DeviceUpdate) and clock is not None:
+            body = slow_down(body, self.device_class, job.cancelled.wait, clock)
         super()._upload(job, body, **kwargs)
 
 
@@ -350,10 +367,12 @@ def _agent_options(
 
 
 def _class_profile_base(spec: SimSpec) -> DeviceProfile | None:
-    """The host's profile of the run's model (a registered name), which classes scale."""
-    if not spec.models or not spec.models[0].name:
+    """The host's profile of the run's model (named as its snapshots name it), which classes
+    scale."""
+    if not spec.models:
         return None
-    return host_profile(spec.models[0].name)
+    model = spec.models[0]
+    return host_profile(model.text, model.input_shape)
 
 
 def partition_lookup(count: int) -> Callable[[str], str]:
@@ -369,9 +388,13 @@ def start_agents(
     topics: Topics,
     plan: dict[str, str],
     indices: Sequence[int] | range,
+    *,
+    sharers: int = 1,
 ) -> list[DeviceAgent]:
-    """Start the agents of the given device indices; each publishes its birth."""
+    """Start the agents of the given device indices; each publishes its birth. A mixed fleet's
+    jobs share this host's cores (``HostCores``) with ``sharers`` processes in all."""
     ids = device_ids(sim.devices)
+    cores = HostCores.share_of_host(sharers) if sim.classes else None
     models = offers(sim.models)  # built once: every simulated device builds the same
     classes = assign_classes(ids, sim.classes, sim.seed)
     agents: list[DeviceAgent] = []
@@ -386,6 +409,7 @@ def start_agents(
             sim.faults,
             device_class,
             sim.seed,
+            cores,
         )
         agent.start()
         agents.append(agent)

@@ -11,12 +11,20 @@ the same seed gives the same fleet. A device of a class:
 - reports a profile that follows its class: the simulation host's measured profile of the run's
   model (``device.profile.measure_profile``, measured once per process) with every time divided
   by the class's speed;
-- takes ``train_s / speed`` wall-clock seconds per training job: it trains at the host's speed,
-  then sleeps the rest before uploading (``SimulatedAgent``; the sleep ends early if the job is
-  cancelled). This is a **wall-clock** simulation, not a virtual clock: deadlines, timeouts and
-  the runner behave exactly as with real devices. ``speed`` is relative to the simulation host
-  (1.0 = host speed); a class cannot be faster than the host, so speeds above 1 train at host
-  speed. The update reports the simulated job time as its ``train_s``;
+- takes ``compute_s / speed`` wall-clock seconds per training job, where ``compute_s`` is the
+  CPU time the job's thread spent on it (building the model, training, the update's deltas): it
+  computes at the host's speed, then sleeps the rest before uploading (``SimulatedAgent``; the
+  sleep ends early if the job is cancelled). CPU time, not wall time, and one job computing per
+  host core at a time (``HostCores``; waiting for a core counts towards the simulated time), so
+  that devices simulated side by side on a few host cores do not slow each other's clocks
+  (where torch computes on more than one thread, whose CPU time is not the job thread's, the
+  job's wall time is taken instead). This is a **wall-clock** simulation, not a virtual clock:
+  deadlines, timeouts and the runner behave exactly as with real devices, so the host must keep
+  up: the jobs in flight must need less CPU, together, than their simulated times give the
+  host's cores (choose speeds well below 1 for large fleets on small hosts). ``speed`` is
+  relative to one host core (1.0 = host speed); a class cannot be faster than the host, so
+  speeds of 1 and above compute at host speed and report their training time unchanged. The
+  update reports the simulated job time as its ``train_s``;
 - drops each job with probability ``dropout`` (seeded per run, round and device): it never
   answers that job, as a device that lost power would not.
 """
@@ -26,6 +34,9 @@ from __future__ import annotations
 import functools
 import logging
 import math
+import os
+import threading
+import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
@@ -46,6 +57,8 @@ log = logging.getLogger(__name__)
 
 __all__ = [
     "DeviceClass",
+    "HostCores",
+    "JobClock",
     "assign_classes",
     "class_hardware",
     "coerce_classes",
@@ -64,7 +77,7 @@ class DeviceClass:
 
     ``share``: fraction of the fleet in (0, 1] (the shares of a fleet sum to 1 within 1e-6);
     ``speed``: compute speed relative to the simulation host, > 0 (a job takes
-    ``train_s / speed`` seconds; module docstring); ``memory_mb``: memory reported in the
+    ``compute_s / speed`` seconds; module docstring); ``memory_mb``: memory reported in the
     device's Hardware, in MiB (> 0); ``dropout``: probability in [0, 1) that the device drops a
     training job without answering.
     """
@@ -167,28 +180,99 @@ def scaled_profile(profile: DeviceProfile, speed: float) -> DeviceProfile:
 
 
 @functools.lru_cache(maxsize=4)
-def host_profile(model_name: str, batch_size: int = 32) -> DeviceProfile | None:
-    """This host's measured profile of a registered model (cached per process); None (and a
-    warning) when the model cannot be profiled here, e.g. a factory the host cannot build."""
+def host_profile(
+    model: str, input_shape: tuple[int, ...] | None = None, batch_size: int = 32
+) -> DeviceProfile | None:
+    """This host's measured profile of a model (``ModelRef`` text: a registered name or a
+    factory, with its kwargs; ``input_shape`` where the model does not declare one), cached per
+    process; its ``model_name`` is that text, as the run's snapshots name the model. None (and a
+    warning) when the model cannot be profiled here."""
+    from device.model_ref import ModelRef
     from device.profile import measure_profile  # lazy: only a mixed fleet measures
 
     try:
-        return measure_profile(model_name, batch_size=batch_size, repeats=3)
-    except (ValueError, ConfigError, RuntimeError) as exc:
-        log.warning("no profile for simulated classes: cannot profile %r: %s", model_name, exc)
+        ref = ModelRef.parse(model)
+        return measure_profile(ref, batch_size=batch_size, repeats=3, input_shape=input_shape)
+    except (ValueError, ConfigError, RuntimeError, ImportError) as exc:
+        log.warning("no profile for simulated classes: cannot profile %r: %s", model, exc)
         return None
 
 
+@dataclass(frozen=True)
+class JobClock:
+    """When a simulated job started: wall seconds (``time.perf_counter``) and CPU seconds of
+    the job's thread (``time.thread_time``). Read from the thread that started it."""
+
+    wall: float
+    cpu: float
+
+    @classmethod
+    def start(cls) -> JobClock:
+        return cls(time.perf_counter(), time.thread_time())
+
+    def elapsed_s(self) -> float:
+        """Wall seconds since the start."""
+        return time.perf_counter() - self.wall
+
+    def compute_s(self) -> float:
+        """CPU seconds this thread spent since the start; the wall seconds instead where torch
+        computes on several threads (the others' CPU time is not this thread's)."""
+        import torch  # the simulated device has it loaded already
+
+        if torch.get_num_threads() > 1:
+            return self.elapsed_s()
+        return time.thread_time() - self.cpu
+
+
+class HostCores:
+    """The simulation host's cores, lent to the mixed fleet's jobs one job per core at a time.
+
+    Twenty simulated devices computing at once on two cores would slow each other down (cache
+    and interpreter contention raise even the CPU time of each job, 1.7x measured for twenty
+    jobs of the MNIST mlp), which would distort the simulated clocks. So a class's job takes a
+    core before it computes and gives it back when its update is ready, before it sleeps out
+    its simulated time; waiting for a core costs no CPU time, and its wall time is part of the
+    job's simulated duration (which fails to hide it only when the host cannot keep up).
+    ``take`` and ``give_back`` are called from the job's own thread.
+    """
+
+    def __init__(self, count: int) -> None:
+        if count < 1:
+            raise ValueError(f"HostCores: count must be at least 1, got {count}")
+        self.count = count
+        self._free = threading.BoundedSemaphore(count)
+        self._held = threading.local()
+
+    @classmethod
+    def share_of_host(cls, sharers: int = 1) -> HostCores:
+        """This host's usable cores, divided among ``sharers`` processes (at least one each)."""
+        return cls(max(1, len(os.sched_getaffinity(0)) // max(1, sharers)))
+
+    def take(self, cancelled: threading.Event) -> bool:
+        """Wait for a free core; False (holding none) if the job is cancelled meanwhile."""
+        while not self._free.acquire(timeout=0.2):
+            if cancelled.is_set():
+                return False
+        self._held.core = True
+        return True
+
+    def give_back(self) -> None:
+        """Free this thread's core, if it holds one (idempotent)."""
+        if getattr(self._held, "core", False):
+            self._held.core = False
+            self._free.release()
+
+
 def slow_down(
-    update: DeviceUpdate, cls: DeviceClass, wait: Callable[[float], object]
+    update: DeviceUpdate, cls: DeviceClass, wait: Callable[[float], object], clock: JobClock
 ) -> DeviceUpdate:
-    """A class's job time: ``wait`` (seconds; a cancellable sleep) for what the class takes
-    beyond the host's measured ``train_s``, and return the update reporting the simulated time
-    ``train_s / speed`` (speeds of 1 and above: unchanged)."""
+    """A class's job time: ``wait`` (seconds; a cancellable sleep) until ``compute_s / speed``
+    has passed since the job started (``clock``), and return the update reporting that
+    simulated time as its ``train_s`` (speeds of 1 and above: unchanged)."""
     if cls.speed >= 1.0:
         return update
-    simulated = update.train_s / cls.speed
-    wait(simulated - update.train_s)
+    simulated = clock.compute_s() / cls.speed
+    wait(simulated - clock.elapsed_s())
     return replace(update, train_s=simulated)
 
 

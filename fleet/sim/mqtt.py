@@ -80,6 +80,7 @@ def _worker(
         Topics(prefix),
         fault_plan(sim),
         indices,
+        sharers=sim.processes,
     )
     ready.set()
     stop.wait()

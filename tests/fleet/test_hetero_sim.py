@@ -9,6 +9,8 @@ accepted and lands in the right coordinates.
 from __future__ import annotations
 
 import dataclasses
+import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +33,8 @@ from fleet.sim import simulate
 from fleet.sim.core import SimSpec, device_ids
 from fleet.sim.fleet_classes import (
     DeviceClass,
+    HostCores,
+    JobClock,
     assign_classes,
     class_hardware,
     coerce_classes,
@@ -132,14 +136,55 @@ def test_a_mixed_fleet_reports_its_classes_to_the_registry_and_slow_jobs_take_lo
     assert train_s["slow"] and train_s["fast"]
 
 
-def test_a_class_job_takes_its_compute_time_divided_by_its_speed() -> None:
-    """The documented rule: train at host speed, wait the rest, report train_s / speed."""
+@pytest.fixture
+def one_torch_thread() -> Any:
+    """Torch on one thread, as simulated devices compute (SimSpec.torch_threads)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def test_a_class_job_takes_its_compute_time_divided_by_its_speed(one_torch_thread: None) -> None:
+    """The documented rule: compute at host speed, wait until compute_s / speed has passed since
+    the job started, report that as train_s. Compute is the job thread's CPU time: time this
+    thread spent waiting (other devices computing on the same cores) does not count."""
     update = DeviceUpdate(model_version=1, model_digest=b"", deltas={}, num_examples=1, train_s=0.2)
+    clock = JobClock.start()
+    spin_until = time.thread_time() + 0.05
+    while time.thread_time() < spin_until:  # 50 ms of this thread's CPU
+        pass
+    time.sleep(0.1)  # waiting: wall time, no CPU
     waited: list[float] = []
-    slow = slow_down(update, DeviceClass("slow", 1.0, speed=0.25), waited.append)
-    assert slow.train_s == pytest.approx(0.8) and waited == [pytest.approx(0.6)]
-    fast = slow_down(update, DeviceClass("fast", 1.0, speed=2.0), waited.append)
+    slow = slow_down(update, DeviceClass("slow", 1.0, speed=0.1), waited.append, clock)
+    compute = slow.train_s * 0.1
+    assert 0.05 <= compute < 0.09  # the spin, not the sleep
+    assert waited[0] == pytest.approx(slow.train_s - clock.elapsed_s(), abs=0.02)
+    assert 0.3 < waited[0] < 0.45  # 10x the compute, less the 0.15 s already gone
+    fast = slow_down(update, DeviceClass("fast", 1.0, speed=2.0), waited.append, clock)
     assert fast is update and len(waited) == 1
+
+
+def test_host_cores_lend_one_core_per_job_and_a_cancelled_wait_takes_none() -> None:
+    """Jobs compute one per core: a second job waits until the first gives its core back, and a
+    job cancelled while waiting holds nothing (so nothing is given back twice)."""
+    cores = HostCores(1)
+    cancelled = threading.Event()
+    assert cores.take(cancelled)
+    took: list[bool] = []
+    waiter = threading.Thread(target=lambda: took.append(cores.take(cancelled)))
+    waiter.start()
+    waiter.join(0.3)
+    assert waiter.is_alive() and not took  # waits while the core is lent
+    cores.give_back()
+    cores.give_back()  # idempotent: this thread holds no core any more
+    waiter.join(2.0)
+    assert took == [True]
+    other = threading.Event()
+    other.set()
+    assert cores.take(other) is False  # the core is still lent to the waiter's thread
+    with pytest.raises(ValueError, match="at least 1"):
+        HostCores(0)
 
 
 @pytest.mark.parametrize("strategy", ["feddst", "prunefl"])
