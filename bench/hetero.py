@@ -2,26 +2,29 @@
 
 A simulated mixed fleet (``--devices``, default 100; fleet/sim/fleet_classes.py) of three classes:
 pi-zero-2w (share 0.5, speed 0.15, 512 MB), pi4 (0.4, 0.6, 4096 MB), pi5 (0.1, 1.0, 8192 MB).
-FedDST (density 0.2) on MNIST (IID shards) with ``mnist_cnn`` (``--dataset digits``: the bundled
-digits with ``mlp``, whose jobs take milliseconds, so overheads hide the fleet's speeds), each job
-at most ``--max-steps`` local steps, over the in-memory broker, four ways:
+FedDST (density 0.2) on MNIST (IID shards) with a wide ``mlp`` (784 -> ``--hidden`` -> 10;
+``--dataset digits``: the bundled digits with the default 64 -> 64 -> 10 ``mlp``, whose jobs
+take milliseconds, so overheads hide the fleet's speeds), over the in-memory broker, four ways:
 
 - ``sync``: rounds of 20 devices, each round waits for all 20 (up to ``--timeout`` seconds);
 - ``sync+budgets``: the same with per-device density budgets (``--budgets``);
 - ``async``: FedBuff with C=20 jobs in flight and an aggregation every B=10 updates;
 - ``async+budgets``: both.
 
-Time is wall clock (a class at speed s sleeps until ``train_s / s`` has passed;
-docs/heterogeneity.md), measured as the sum of the rounds' (steps') wall times, so the fleet's
-start-up is left out. Every configuration aggregates the same number of updates (``--rounds``
-synchronous rounds of 20 = 2 x ``--rounds`` asynchronous steps of 10). Reported per
+Time is wall clock (a class at speed s sleeps until ``compute_s / s`` has passed, compute_s
+being the job thread's CPU time; docs/heterogeneity.md), measured as the sum of the rounds'
+(steps') wall times, so the fleet's start-up is left out. The classes keep the ratios of their
+speeds, scaled by ``--speed-scale`` (default 0.1: a Pi 5 computes at a tenth of one host core),
+so that the 2-core host keeps up with the 20 jobs in flight and the simulated clocks, not the
+host's CPU, set the pace. Every configuration aggregates the same number of updates
+(``--rounds`` synchronous rounds of 20 = 2 x ``--rounds`` asynchronous steps of 10). Reported per
 configuration: time to ``--target`` test accuracy, accuracy at the time the fastest
 configuration finished (equal time), final accuracy (equal updates), MB uploaded, updates
 dropped (rejected by reason, and stragglers' jobs cancelled by a closing round), and the share
 of the slowest class's jobs that finished within ``--timeout``. Writes a JSON file and the plot
 of accuracy against time.
 
-    python bench/hetero.py --out docs/results/hetero
+    python bench/hetero.py --out docs/results/hetero-mnist
     python bench/hetero.py --quick --out /tmp/hetero
     python bench/hetero.py --dataset digits --out /tmp/hetero-digits
 """
@@ -29,6 +32,7 @@ of accuracy against time.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import sys
@@ -42,6 +46,7 @@ sys.path.insert(0, str(REPO))
 
 import torch  # noqa: E402
 
+from device.model_ref import ModelRef  # noqa: E402
 from fleet.runtime.async_options import AsyncOptions  # noqa: E402
 from fleet.runtime.runner import RoundReport, RunSpec  # noqa: E402
 from fleet.sim import SimSpec, simulate  # noqa: E402
@@ -54,7 +59,27 @@ CLASSES = (
     DeviceClass("pi4", 0.4, speed=0.6, memory_mb=4096),
     DeviceClass("pi5", 0.1, speed=1.0, memory_mb=8192),
 )
+
+
+def scaled_classes(scale: float) -> tuple[DeviceClass, ...]:
+    """The classes with every speed times ``scale`` (their ratios unchanged)."""
+    return tuple(dataclasses.replace(c, speed=c.speed * scale) for c in CLASSES)
+
+
+def model_ref(dataset: str, hidden: int) -> ModelRef:
+    """The bench's model: the wide MLP on MNIST, the default ``mlp`` on digits."""
+    if dataset == "digits":
+        return ModelRef(name="mlp")
+    return ModelRef(
+        name="mlp",
+        kwargs={"in_features": 784, "hidden": hidden},
+        input_shape=(1, 28, 28),
+        num_classes=10,
+    )
+
+
 DEFAULT_MNIST = REPO.parent / "shared" / "data" / "mnist"
+CONFIGS = ("sync", "sync+budgets", "async", "async+budgets")
 PER_ROUND = 20
 BUFFER = 10
 
@@ -66,14 +91,16 @@ def run_spec(
     timeout_s: float,
     epochs: int,
     *,
-    model: str = "mlp",
+    model: ModelRef,
     max_steps: int = 0,
+    readjust_every: int = 10,
 ) -> RunSpec:
     is_async = name.startswith("async")
     aggregations = rounds * PER_ROUND // BUFFER if is_async else rounds
     return RunSpec(
         run_id=name.replace("+", "-"),
-        model_name=model,
+        model_name=model.text,
+        model_ref=model,
         strategy="feddst",
         rounds=aggregations,
         clients_per_round=PER_ROUND,
@@ -81,7 +108,7 @@ def run_spec(
             "clients_per_round": PER_ROUND,
             "training": {"epochs": epochs, "batch_size": 32, "lr": 0.05, "max_steps": max_steps},
             "total_rounds": aggregations,
-            "readjust_every": 2 * (aggregations // rounds),
+            "readjust_every": readjust_every * (aggregations // rounds),
             "density": 0.2,
         },
         round_timeout_s=timeout_s,
@@ -129,12 +156,27 @@ def measure(
         "stragglers_cancelled": cancelled,
         "slow_jobs": len(slow_jobs),
         "slow_jobs_within_deadline": sum(1 for t in slow_jobs if t <= timeout_s),
+        "job_s_by_class": {
+            c.name: _quantiles([float(u.meta["train_s"]) for u in rows if plan[u.device_id] is c])
+            for c in sim.classes
+        },
         "density_by_class": {
             c.name: sorted(
                 {round(float(u.meta["density"]), 3) for u in rows if plan[u.device_id] is c}
             )
             for c in sim.classes
         },
+    }
+
+
+def _quantiles(values: list[float]) -> dict[str, float]:
+    """Median and 95th percentile of simulated job seconds (empty: NaN)."""
+    if not values:
+        return {"median": float("nan"), "p95": float("nan")}
+    ordered = sorted(values)
+    return {
+        "median": ordered[len(ordered) // 2],
+        "p95": ordered[min(len(ordered) - 1, int(0.95 * len(ordered)))],
     }
 
 
@@ -147,7 +189,7 @@ def accuracy_at(curve: list[tuple[float, float]], when: float) -> float:
     return reached[-1] if reached else float("nan")
 
 
-def plot(results: list[dict[str, Any]], path: Path) -> None:
+def plot(results: list[dict[str, Any]], path: Path, dataset: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -158,7 +200,7 @@ def plot(results: list[dict[str, Any]], path: Path) -> None:
         xs, ys = zip(*r["curve"], strict=True) if r["curve"] else ((), ())
         ax.plot(xs, ys, marker=".", label=r["name"])
     ax.set_xlabel("wall-clock seconds (sum of round / step times)")
-    ax.set_ylabel("test accuracy (digits)")
+    ax.set_ylabel(f"test accuracy ({dataset})")
     ax.set_title("FedDST on a simulated mixed fleet")
     ax.grid(alpha=0.3)
     ax.legend()
@@ -171,19 +213,31 @@ def main() -> None:
     parser.add_argument("--devices", type=int, default=100)
     parser.add_argument("--dataset", choices=["digits", "mnist"], default="mnist")
     parser.add_argument("--data-dir", type=Path, default=DEFAULT_MNIST)
-    parser.add_argument("--max-steps", type=int, default=5, help="local SGD steps cap per job")
-    parser.add_argument("--rounds", type=int, default=15, help="synchronous rounds of 20")
-    parser.add_argument("--epochs", type=int, default=1)
+    parser.add_argument("--hidden", type=int, default=1024, help="the MNIST mlp's hidden width")
+    parser.add_argument("--max-steps", type=int, default=0, help="local SGD steps cap per job")
+    parser.add_argument("--rounds", type=int, default=40, help="synchronous rounds of 20")
+    parser.add_argument("--epochs", type=int, default=2)
+    parser.add_argument(
+        "--speed-scale", type=float, default=0.1, help="every class's speed times this"
+    )
     parser.add_argument("--timeout", type=float, default=30.0, help="round deadline, seconds")
-    parser.add_argument("--target", type=float, default=0.85)
+    parser.add_argument("--target", type=float, default=0.96)
+    parser.add_argument(
+        "--readjust-every", type=int, default=10, help="FedDST R_adj in synchronous rounds"
+    )
     parser.add_argument(
         "--budgets",
-        default='{"pi-zero-2w": 0.05, "pi4": 0.1}',
+        default='{"pi-zero-2w": 0.05}',
         help="the budgets option: auto, or JSON {tag: density} (default: %(default)s)",
     )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, required=True, help="folder for JSON and PNG")
     parser.add_argument("--quick", action="store_true", help="30 devices, 4 rounds")
+    parser.add_argument(
+        "--configs",
+        default=",".join(CONFIGS),
+        help="which configurations to run, comma-separated (default: all four)",
+    )
     args = parser.parse_args()
     logging.basicConfig(level=logging.ERROR)
     torch.set_num_threads(1)
@@ -196,12 +250,16 @@ def main() -> None:
         data_dir=args.data_dir if mnist else None,
         partition="iid",
         seed=args.seed,
-        classes=CLASSES,
+        classes=scaled_classes(args.speed_scale),
     )
-    model = "mnist_cnn" if mnist else "mlp"
+    model = model_ref(args.dataset, args.hidden)
     args.out.mkdir(parents=True, exist_ok=True)
     results = []
-    for name in ("sync", "sync+budgets", "async", "async+budgets"):
+    names = [n for n in args.configs.split(",") if n]
+    unknown = sorted(set(names) - set(CONFIGS))
+    if unknown:
+        parser.error(f"--configs: unknown {', '.join(unknown)}; known: {', '.join(CONFIGS)}")
+    for name in names:
         spec = run_spec(
             name,
             rounds,
@@ -210,13 +268,21 @@ def main() -> None:
             args.epochs,
             model=model,
             max_steps=args.max_steps,
+            readjust_every=args.readjust_every,
         )
         started = time.monotonic()
         with tempfile.TemporaryDirectory() as tmp:
             result = measure(name, spec, sim, Path(tmp), args.timeout)
         result["total_s_with_setup"] = time.monotonic() - started
         results.append(result)
-        print(f"{name}: {result['time_s']:.1f} s, final {result['final_accuracy']:.3f}", flush=True)
+        jobs = ", ".join(
+            f"{k} {v['median']:.2f}/{v['p95']:.2f}" for k, v in result["job_s_by_class"].items()
+        )
+        print(
+            f"{name}: {result['time_s']:.1f} s, final {result['final_accuracy']:.3f}; "
+            f"job s median/p95: {jobs}",
+            flush=True,
+        )
     equal_time = min(r["time_s"] for r in results)
     print(
         f"\n{devices} devices, {rounds} x {PER_ROUND} updates each, target {args.target}, "
@@ -241,8 +307,10 @@ def main() -> None:
             f"| {r['time_s']:.1f} | {r['upload_mb']:.2f} | {sum(r['rejected'].values())} "
             f"| {r['stragglers_cancelled']} | {share:.2%} | {densities} |"
         )
-    (args.out / "hetero.json").write_text(json.dumps(results, indent=1), encoding="utf-8")
-    plot(results, args.out / "hetero.png")
+    options = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
+    record = {"command": " ".join(sys.argv), "options": options, "results": results}
+    (args.out / "hetero.json").write_text(json.dumps(record, indent=1), encoding="utf-8")
+    plot(results, args.out / "hetero.png", args.dataset)
     print(f"\nwrote {args.out / 'hetero.json'} and {args.out / 'hetero.png'}")
 
 
