@@ -314,7 +314,7 @@ class SimulatedAgent(DeviceAgent):
         if delay > 0:
             job.cancelled.wait(delay)
         self._clock.job = JobClock.start()  # _upload runs in this thread, within this call
-        cores = self.cores if cls is not None else None
+        cores = self.cores
         if cores is not None and not cores.take(job.cancelled):
             return
         try:
@@ -409,7 +409,7 @@ def start_agents(
             sim.faults,
             device_class,
             sim.seed,
-            cores,
+            cores if device_class is not None else None,  # only a class's jobs are timed
         )
         agent.start()
         agents.append(agent)
