@@ -75,12 +75,13 @@ class RoundStart:
         (the caller's) get new tensors, or, ``in_place``, overwrite ``final``'s float tensors."""
         deltas: dict[str, torch.Tensor] = {}
         for name, value in final.items():
-            if in_place and value.is_floating_point() and name not in self.on_mask:
-                delta = value.detach().sub_(self.whole[name])
-            elif name in self.on_mask:
+            if name in self.on_mask:
                 start_mask, values = self.on_mask[name]
-                delta = value.detach().clone()
+                writable = in_place and value.is_floating_point() and value.is_contiguous()
+                delta = value.detach() if writable else value.detach().clone()
                 delta.view(-1).index_add_(0, flat_positions(start_mask), values, alpha=-1)
+            elif in_place and value.is_floating_point():
+                delta = value.detach().sub_(self.whole[name])
             elif (
                 value.is_floating_point()
                 and self.whole[name].dtype == value.dtype

@@ -161,9 +161,20 @@ def move_to_support(buffer: torch.Tensor, old: torch.Tensor, new: torch.Tensor) 
     """``buffer``, the values at the sorted flat positions ``old``, moved to the sorted
     positions ``new`` (a mask changed): a position in both keeps its value, a position only in
     ``new`` starts at 0, a position only in ``old`` is gone. What zeroing the dropped and grown
-    entries of a dense buffer does, in memory proportional to the support."""
+    entries of a dense buffer does, in memory proportional to the support: the result, plus
+    temporaries for :data:`_MOVE_CHUNK` positions at a time (whole, they were 22 bytes per
+    position: 15 MB at the peak of a femnist_cnn readjustment at density 0.1)."""
+    moved = torch.zeros(new.shape, dtype=buffer.dtype)
     if old.numel() == 0:
-        return torch.zeros(new.shape, dtype=buffer.dtype)
-    at = torch.searchsorted(old, new).clamp_(max=old.numel() - 1)
-    found = old[at] == new
-    return torch.where(found, buffer[at], torch.zeros((), dtype=buffer.dtype))
+        return moved
+    last = old.numel() - 1
+    for first in range(0, new.numel(), _MOVE_CHUNK):
+        wanted = new[first : first + _MOVE_CHUNK]
+        at = torch.searchsorted(old, wanted).clamp_(max=last)
+        found = old[at] == wanted
+        moved[first : first + _MOVE_CHUNK][found] = buffer[at[found]]
+    return moved
+
+
+#: Positions per step of :func:`move_to_support` (about 1.4 MB of temporaries).
+_MOVE_CHUNK = 1 << 16

@@ -9,10 +9,13 @@ results; no global RNG state is read or set (the models here have no dropout).
 
 Per step, in this order (why: each quantity must see the gradient it is defined on):
   1. forward, cross-entropy loss, backward: dense gradients, masked positions included;
-  2. PruneFL importance += grad^2 and the FedDST growth window += grad (dense, before masking);
+  2. PruneFL importance += grad^2 and the FedDST growth window += grad (dense, before masking;
+     ``device.growth``: a large layer's sum stays in its own gradient, off the mask);
   3. FedProx: grad += mu * (w - w_global);
-  4. masked gradients := 0; ``optimizer.step()`` (SGD with momentum; it adds weight decay,
-     grad += wd * w, in place: zero at masked positions, whose weights are zero);
+  4. masked gradients := 0 (except a sum held there); ``optimizer.step()`` (SGD with momentum;
+     it adds weight decay, grad += wd * w, in place: zero at masked positions, whose weights
+     are zero); a layer holding its sum gets its weights := 0 off the mask again and its
+     gradient := 0 on it;
   5. at the readjust step: drop and grow per layer, dropped and grown weights and momentum := 0.
 
 Why masked weights and momentum need no masking after the step: they are exactly zero before it
@@ -45,6 +48,7 @@ from torch import nn
 from device.deltas import RoundStart
 from device.errors import ConfigError, DataError
 from device.gradbuffers import weight_grad_buffers
+from device.growth import GrowthGradient
 from device.optim import MomentumSGD, move_to_support
 from device.seeding import derive_seed
 from device.sparse.masks import (
@@ -56,7 +60,7 @@ from device.sparse.masks import (
     zero_outside,
 )
 from device.sparse.policies import (
-    drop_scores_magnitude,
+    drop_scores_magnitude_active,
     grow_scores_gradient,
     grow_scores_random,
     n_to_readjust,
@@ -265,10 +269,19 @@ class _Optimised:
             and int(torch.count_nonzero(mask)) < COMPACT_MOMENTUM_BELOW * mask.numel()
         }
 
-    def zero_grad(self) -> None:
-        """Clear every gradient, the planned weights' dense ones included."""
-        self.optimizer.zero_grad()
-        self._model.zero_grad(set_to_none=True)
+    def zero_grad(self, keep: frozenset[str] = frozenset()) -> None:
+        """Clear every gradient, the planned weights' dense ones included, except the
+        parameters ``keep`` names (gradients that hold a growth sum, ``device.growth``)."""
+        if not keep:
+            self.optimizer.zero_grad()
+            self._model.zero_grad(set_to_none=True)
+            return
+        for name, tensor in self.optimizer.tensors.items():
+            if name not in keep:
+                tensor.grad = None
+        for name, param in self._model.named_parameters():
+            if name not in keep:
+                param.grad = None
 
     def dense_momenta(self, names: frozenset[str]) -> dict[str, torch.Tensor | None]:
         """Momentum of the weights ``names`` shaped like the weights (scattered from the values
@@ -367,7 +380,6 @@ def train_round(
         prox_ref = {n: source[n].detach().to(p.dtype) for n, p in all_params.items()}
     importance = {n: torch.zeros_like(p) for n, p in params.items()} if report_importance else {}
     gradient_growth = readjust is not None and readjust.grow == GrowPolicy.GRADIENT
-    grow_sum = {n: torch.zeros_like(p) for n, p in params.items()} if gradient_growth else {}
     shuffle = torch.Generator().manual_seed(derive_seed(seed, "shuffle"))
 
     loss_sum = 0.0
@@ -379,9 +391,17 @@ def train_round(
     # Values mode (kernels train [nnz] tensors) unless FedProx needs the dense weights' distance.
     with (
         _kernels(model, current, kernel_plan, train_values=not prox_ref) as handle,
-        weight_grad_buffers(model, exclude=kernel_plan),
+        weight_grad_buffers(model, exclude=kernel_plan) as buffered,
     ):
         optimised = _Optimised(model, handle, settings, current)
+        growth = None
+        if gradient_growth:
+            # A sum can live in a gradient unless every step reads the gradient whole.
+            whole = report_importance or bool(prox_ref)
+            in_gradient = GrowthGradient.eligible(
+                params, buffered, optimised.optimizer.supports, settings.momentum
+            )
+            growth = GrowthGradient(params, frozenset() if whole else in_gradient)
         while step < plan.total_steps:
             order = torch.randperm(x.shape[0], generator=shuffle)
             for first in range(0, x.shape[0], settings.batch_size):
@@ -396,7 +416,7 @@ def train_round(
                     # Sparse kernels give weight gradients on the mask only, unless told that
                     # this step's dense gradient is needed (importance, growth window).
                     handle.full_weight_grad = dense_grad
-                optimised.zero_grad()
+                optimised.zero_grad(keep=growth.kept(step, plan.window) if growth else frozenset())
                 logits = model(xb)
                 loss = F.cross_entropy(logits, yb)
                 torch.autograd.backward(loss)
@@ -404,11 +424,13 @@ def train_round(
                     params,
                     current,
                     importance=importance,
-                    grow_sum=grow_sum if gradient_growth and in_window else None,
+                    growth=growth if in_window else None,
                     prox=(all_params, prox_ref, settings.prox_mu),
                     exact=_exact(kernel_plan, optimised.values_mode, dense_grad, bool(prox_ref)),
                 )
                 optimised.optimizer.step()
+                if growth is not None and in_window:
+                    growth.settle(params, current, optimised.optimizer.supports)
                 with torch.no_grad():
                     loss_sum += float(loss) * yb.shape[0]
                     correct += int((logits.argmax(dim=1) == yb).sum())
@@ -417,15 +439,15 @@ def train_round(
                     if handle is not None:
                         handle.write_back()  # the drop scores read the weights
                     momenta = optimised.dense_momenta(frozenset(params))
-                    grown_total = _readjust(params, current, momenta, readjust, grow_sum, seed=seed)
-                    grow_sum = {}
+                    grown_total = _readjust(params, current, momenta, readjust, growth, seed=seed)
+                    growth = None
                     if handle is not None:
                         handle.refresh(current)
                     optimised.remasked(momenta)
                     del momenta
 
     # Free the optimiser state and the gradients before the deltas take their place.
-    del optimised, prox_ref, grow_sum
+    del optimised, prox_ref, growth
     model.zero_grad(set_to_none=True)
     deltas = start.deltas(model.state_dict(), current, in_place=deltas_in_place)
     final = {n: m.clone() if m is masks[n] else m for n, m in current.items()}
@@ -460,34 +482,34 @@ def _prepare_gradients(
     masks: Masks,
     *,
     importance: Mapping[str, torch.Tensor],
-    grow_sum: Mapping[str, torch.Tensor] | None,
+    growth: GrowthGradient | None,
     prox: tuple[Mapping[str, nn.Parameter], Mapping[str, torch.Tensor], float],
     exact: frozenset[str],
 ) -> None:
     """Between backward and the optimiser step: record dense gradients, add FedProx, mask.
 
-    ``importance`` (may be empty) gets ``+= grad^2`` and ``grow_sum`` (None outside the growth
-    window) ``+= grad``, both from the dense gradient; then ``grad += mu (w - w_global)`` for the
+    ``importance`` (may be empty) gets ``+= grad^2`` and ``growth`` (None outside the growth
+    window) its sums, both from the dense gradient; then ``grad += mu (w - w_global)`` for the
     parameters in the FedProx reference; finally the gradients at masked positions become zero,
     except for the tensors in ``exact``, whose gradient is already exactly zero there (sparse
-    kernels on their on-mask steps). Weight decay is the optimiser's (``MomentumSGD``).
+    kernels on their on-mask steps), and those whose gradient holds the growth sum there
+    (``growth.in_gradient``). Weight decay is the optimiser's (``MomentumSGD``).
     """
     all_params, prox_ref, mu = prox
     with torch.no_grad():
         for name, param in params.items():
             grad = param.grad
-            if grad is None:
-                continue
-            if name in importance:
+            if grad is not None and name in importance:
                 importance[name].addcmul_(grad, grad)
-            if grow_sum is not None:
-                grow_sum[name].add_(grad)
+        if growth is not None:
+            growth.add(params)
         for name, ref in prox_ref.items():
             grad = all_params[name].grad
             if grad is not None:
                 grad.add_(all_params[name] - ref, alpha=mu)
+        summing = growth.in_gradient if growth is not None else frozenset()
         for name, param in params.items():
-            if param.grad is not None and name not in exact:
+            if param.grad is not None and name not in exact and name not in summing:
                 zero_outside(param.grad, masks[name])
 
 
@@ -496,7 +518,7 @@ def _readjust(
     masks: Masks,
     momenta: Mapping[str, torch.Tensor | None],
     readjust: Readjust,
-    grow_sum: dict[str, torch.Tensor],
+    growth: GrowthGradient | None,
     *,
     seed: int,
 ) -> int:
@@ -504,8 +526,9 @@ def _readjust(
 
     Returns the number of entries grown in total. Dropped entries are zeroed (they are now
     masked); grown entries start at zero in the weight and in the momentum buffer. Consumes
-    ``grow_sum`` (each layer's sum becomes its grow score in place and leaves the dict) and the
-    weights' gradients (spent by the step before: they become the drop scores, then None).
+    ``growth`` (None for random growth: each layer's sum becomes its grow score in place) and
+    frees the weights' gradients (spent by the step before; the next step clears them first).
+    The drop scores are the active entries' magnitudes only (``[nnz]``).
     """
     generator = None
     if readjust.grow == GrowPolicy.RANDOM:
@@ -514,18 +537,16 @@ def _readjust(
     for name, param in params.items():
         mask = masks[name]
         n = n_to_readjust(readjust.alpha, int(torch.count_nonzero(mask)))
-        if generator is not None:
+        if growth is not None:  # the summed gradient becomes the score: no copy
+            grow_score = grow_scores_gradient(growth.take(name, param), in_place=True)
+        else:
+            assert generator is not None, "gradient growth without its growth sums"
             grow_score = grow_scores_random(param.shape, generator)
-        else:  # the summed gradient becomes the score: no copy, and freed with the layer
-            grow_score = grow_scores_gradient(grow_sum.pop(name), in_place=True)
-        # This step's gradient is spent (the next step clears it first): its memory holds the
-        # drop score, one float32 copy of the layer less at the peak.
-        spent, param.grad = param.grad, None
-        if spent is None or spent.shape != param.shape or not spent.is_contiguous():
-            spent = None
-        drop_score = drop_scores_magnitude(param, out=spent)
-        del spent
-        result = readjust_mask(mask, drop_score, grow_score, n, scratch_scores=True)
+        param.grad = None
+        drop_score = drop_scores_magnitude_active(param, mask)
+        result = readjust_mask(
+            mask, drop_score, grow_score, n, scratch_scores=True, active_drop_scores=True
+        )
         del drop_score, grow_score
         changed = torch.cat([result.dropped_at, result.grown_at])
         zero_entries(changed, param, momenta.get(name))

@@ -16,6 +16,7 @@ from typing import NamedTuple
 import torch
 
 from device.errors import ConfigError
+from device.sparse.masks import positions_of_ranks
 
 
 def drop_scores_magnitude(weight: torch.Tensor, *, out: torch.Tensor | None = None) -> torch.Tensor:
@@ -24,6 +25,13 @@ def drop_scores_magnitude(weight: torch.Tensor, *, out: torch.Tensor | None = No
     if out is None:
         return weight.detach().abs()
     return torch.abs(weight.detach(), out=out)
+
+
+def drop_scores_magnitude_active(weight: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Drop score of the active entries only: ``|w|`` at the ``mask``'s kept entries, in flat
+    (row-major) order (``[nnz]``): what :func:`readjust_mask` needs of a drop score, in
+    ``nnz`` floats instead of one per entry."""
+    return weight.detach()[mask].abs_()
 
 
 def grow_scores_gradient(grad: torch.Tensor, *, in_place: bool = False) -> torch.Tensor:
@@ -80,6 +88,7 @@ def readjust_mask(
     n: int,
     *,
     scratch_scores: bool = False,
+    active_drop_scores: bool = False,
 ) -> Readjustment:
     """Drop the ``n`` lowest-``drop_score`` active entries and grow ``n`` inactive entries.
 
@@ -87,20 +96,27 @@ def readjust_mask(
     entry dropped now cannot grow back now. ``n`` is clipped to the number of active and of
     inactive entries, so the number of kept entries never changes. Ties go to the lower flat index.
 
+    ``active_drop_scores``: ``drop_score`` holds the active entries' scores only (``[nnz]``, in
+    flat order: :func:`drop_scores_magnitude_active`) instead of one per entry. The grow score
+    has the mask's shape (its values at active entries are never read).
+
     ``scratch_scores``: the scores are the caller's to lose; float32 scores then serve as the
     selection's working memory (overwritten) instead of being copied, one float32 copy of the
     tensor less at the peak (25.7 MB for femnist_cnn's fc1). The result is the same.
     """
     if mask.dtype != torch.bool:
         raise ConfigError(f"readjust_mask needs a bool mask, got {mask.dtype}")
-    if drop_score.shape != mask.shape or grow_score.shape != mask.shape:
+    active = int(torch.count_nonzero(mask))  # a bool sum would make an int64 copy first
+    drop_shape = (active,) if active_drop_scores else tuple(mask.shape)
+    if tuple(drop_score.shape) != drop_shape or grow_score.shape != mask.shape:
+        expected = f"({active},), one per active entry" if active_drop_scores else "the same shape"
         raise ConfigError(
-            f"readjust_mask: mask {tuple(mask.shape)}, drop score {tuple(drop_score.shape)} and "
-            f"grow score {tuple(grow_score.shape)} must have the same shape"
+            f"readjust_mask: mask {tuple(mask.shape)}, drop score {tuple(drop_score.shape)} "
+            f"and grow score {tuple(grow_score.shape)}: the grow score must have the mask's "
+            f"shape and the drop score {expected}"
         )
     if n < 0:
         raise ConfigError(f"readjust_mask: the number to drop and grow must be >= 0, got {n}")
-    active = int(torch.count_nonzero(mask))  # a bool sum would make an int64 copy first
     n = min(n, active, mask.numel() - active)
     if n == 0:
         none = torch.zeros(0, dtype=torch.int64)
@@ -110,7 +126,14 @@ def readjust_mask(
     # chosen by mask, not by +-inf sentinels alone, so an infinite score never lets an inactive
     # entry be "dropped" or an active one be "grown".
     nan = float("-inf")
-    drop_pick = _select(drop_score, ~flat_mask, n, largest=False, nan=nan, scratch=scratch_scores)
+    if active_drop_scores:
+        everyone = torch.zeros(active, dtype=torch.bool)
+        ranks = _select(drop_score, everyone, n, largest=False, nan=nan, scratch=scratch_scores)
+        drop_pick = positions_of_ranks(flat_mask, ranks)
+    else:
+        drop_pick = _select(
+            drop_score, ~flat_mask, n, largest=False, nan=nan, scratch=scratch_scores
+        )
     grow_pick = _select(grow_score, flat_mask, n, largest=True, nan=nan, scratch=scratch_scores)
     new_mask = mask.clone()
     new_mask.view(-1)[drop_pick] = False
@@ -150,11 +173,23 @@ def _select(
     keys = _order_keys(values, largest=largest)
     threshold = _nth_largest(keys, n)
     # An excluded entry holds the worst key, never above the n-th best candidate's.
-    picked = torch.nonzero(keys > threshold).reshape(-1)
-    ties = torch.nonzero(keys == threshold).reshape(-1)
+    picked = _positions_where(keys, lambda chunk: chunk > threshold)
+    ties = _positions_where(keys, lambda chunk: chunk == threshold)
     if threshold == _order_keys(torch.tensor([worst]), largest=largest).item():
         ties = ties[~excluded[ties]]  # candidates scored as badly as excluded entries
     return torch.cat([picked, ties[: n - picked.numel()]])
+
+
+def _positions_where(
+    keys: torch.Tensor, test: Callable[[torch.Tensor], torch.Tensor]
+) -> torch.Tensor:
+    """Ascending positions of the 1-D ``keys`` where ``test`` (elementwise, on a chunk) holds,
+    one chunk at a time: a bool temporary of :data:`_CHUNK` entries, not one of every key."""
+    found = [
+        torch.nonzero(test(keys[first : first + _CHUNK])).reshape(-1).add_(first)
+        for first in range(0, keys.numel(), _CHUNK)
+    ]
+    return torch.cat(found) if found else torch.zeros(0, dtype=torch.int64)
 
 
 #: Elements per step of the chunked passes below: 4 MB of int32 keys, a few such temporaries.

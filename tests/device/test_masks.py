@@ -12,10 +12,13 @@ from device.errors import ConfigError
 from device.sparse.density import kept_count
 from device.sparse.masks import (
     apply_masks,
+    clear_outside,
     count_nonzero,
+    flat_positions,
     initial_masks,
     mask_density,
     masks_equal,
+    positions_of_ranks,
     topk_mask,
 )
 
@@ -143,3 +146,43 @@ def test_density_and_counts_add_up_over_layers() -> None:
     assert count_nonzero(masks) == {"a": 1, "b": 3}
     assert mask_density(masks) == pytest.approx(4 / 10)
     assert mask_density({}) == 1.0
+
+
+@pytest.mark.parametrize("slice_", [5, 1 << 18])
+def test_positions_of_ranks_index_the_kept_entries_in_flat_order(
+    monkeypatch: pytest.MonkeyPatch, slice_: int
+) -> None:
+    """``positions_of_ranks(mask, ranks) == flat_positions(mask)[ranks]``, in the ranks' order
+    (unsorted, repeated), over many slices of the mask and one; a rank past the last kept
+    entry is an error, not a wrong position."""
+    import device.sparse.masks as masks_module
+
+    monkeypatch.setattr(masks_module, "_SLICE", slice_)
+    g = torch.Generator().manual_seed(4)
+    for _ in range(40):
+        size = int(torch.randint(1, 400, (1,), generator=g))
+        mask = torch.rand(size, generator=g) < float(torch.rand(1, generator=g))
+        kept = int(mask.sum())
+        if kept == 0:
+            continue
+        ranks = torch.randint(0, kept, (int(torch.randint(1, 30, (1,), generator=g)),), generator=g)
+        assert torch.equal(positions_of_ranks(mask, ranks), flat_positions(mask)[ranks])
+    with pytest.raises(IndexError, match="3 kept entries"):
+        positions_of_ranks(torch.tensor([True, False, True, True]), torch.tensor([0, 3]))
+
+
+@pytest.mark.parametrize("slice_", [3, 1 << 18])
+def test_clear_outside_writes_exact_positive_zeros_off_the_mask_whatever_was_there(
+    monkeypatch: pytest.MonkeyPatch, slice_: int
+) -> None:
+    """Off the mask: +0.0, where multiplying by the mask would leave NaN (inf * 0) or -0.0;
+    on it: untouched, NaN included."""
+    import device.sparse.masks as masks_module
+
+    monkeypatch.setattr(masks_module, "_SLICE", slice_)
+    values = torch.tensor([[float("inf"), -2.0, float("nan")], [-1.0, float("nan"), 3.0]])
+    mask = torch.tensor([[False, False, True], [True, False, True]])
+    clear_outside(values, mask)
+    assert values[~mask].tolist() == [0.0, 0.0, 0.0]
+    assert not torch.signbit(values[~mask]).any()
+    assert torch.isnan(values[0, 2]) and values[1, 0] == -1.0 and values[1, 2] == 3.0

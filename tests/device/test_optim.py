@@ -122,9 +122,16 @@ def test_momentum_on_a_support_equals_a_dense_buffer_bit_for_bit(weight_decay: f
     assert torch.equal(sparse.momentum_buffer(sparse_w), dense.momentum_buffer(dense_w))
 
 
-def test_a_support_momentum_moves_to_a_new_mask_as_zeroing_a_dense_one_would() -> None:
+@pytest.mark.parametrize("chunk", [7, 1 << 16])
+def test_a_support_momentum_moves_to_a_new_mask_as_zeroing_a_dense_one_would(
+    monkeypatch: pytest.MonkeyPatch, chunk: int
+) -> None:
     """Kept where both masks hold, 0 where grown, gone where dropped: what the readjustment
-    does to a dense buffer (zero the dropped and grown entries, then it is zero off the mask)."""
+    does to a dense buffer (zero the dropped and grown entries, then it is zero off the mask).
+    The new positions are taken a chunk at a time: many chunks, and one."""
+    import device.optim
+
+    monkeypatch.setattr(device.optim, "_MOVE_CHUNK", chunk)
     g = torch.Generator().manual_seed(6)
     for _ in range(20):
         old = torch.rand(300, generator=g) < 0.2

@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 from device.errors import ConfigError
 from device.sparse.policies import (
     drop_scores_magnitude,
+    drop_scores_magnitude_active,
     grow_scores_gradient,
     grow_scores_random,
     n_to_readjust,
@@ -313,3 +314,34 @@ def test_scratch_scores_give_the_same_readjustment_and_only_they_are_overwritten
         assert not torch.equal(grow, kept_grow), "the scratch scores were copied after all"
         for a, b in zip(copied, scratch, strict=True):
             assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("chunk", [64, 1 << 20])
+def test_drop_scores_of_the_active_entries_only_give_the_same_readjustment(
+    monkeypatch: pytest.MonkeyPatch, chunk: int
+) -> None:
+    """``active_drop_scores``: ``[nnz]`` scores of the active entries in flat order select the
+    same entries as the whole tensor's, ties (to the lower flat index) and NaN (dropped first)
+    included; a score of the wrong length is refused with both shapes named."""
+    import device.sparse.policies as policies
+
+    monkeypatch.setattr(policies, "_CHUNK", chunk)
+    g = torch.Generator().manual_seed(12)
+    for _ in range(40):
+        size = int(torch.randint(50, 1500, (1,), generator=g))
+        mask = torch.rand(size, generator=g) < 0.3
+        if not mask.any():
+            continue
+        weight = torch.randint(-4, 5, (size,), generator=g).float() * mask
+        weight[torch.rand(size, generator=g) < 0.03] = float("nan")
+        grow = torch.randn(size, generator=g)
+        n = int(torch.randint(1, int(mask.sum()) + 1, (1,), generator=g))
+        whole = readjust_mask(mask, drop_scores_magnitude(weight), grow, n)
+        active = readjust_mask(
+            mask, drop_scores_magnitude_active(weight, mask), grow, n, active_drop_scores=True
+        )
+        for a, b in zip(whole, active, strict=True):
+            assert torch.equal(a, b)
+    mask = torch.tensor([[True, False], [True, True]])
+    with pytest.raises(ConfigError, match=r"drop score \(2,\).*\(3,\), one per active entry"):
+        readjust_mask(mask, torch.ones(2), torch.ones(2, 2), 1, active_drop_scores=True)
