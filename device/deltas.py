@@ -41,18 +41,31 @@ class RoundStart:
         masks: Masks,
         *,
         held: Mapping[str, torch.Tensor] | None = None,
+        held_on_mask: Mapping[str, torch.Tensor] | None = None,
     ) -> RoundStart:
         """The start of ``state``. ``held``: the caller's copy of it, for all entries or some
-        (nothing is copied of those; they must name entries of ``state``, with its shapes)."""
+        (nothing is copied of those; they must name entries of ``state``, with its shapes).
+        ``held_on_mask``: the caller's copy of pruned entries' start values on their ``masks``
+        (one float per kept entry, in flat order; the received model's kept values), used
+        where the entry is kept on its mask instead of copying them."""
         whole = _checked_start(state, held) if held is not None else {}
+        given = held_on_mask or {}
         on_mask: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         for name, tensor in state.items():
             if name in whole:
                 continue
             mask = masks.get(name)
-            if mask is not None and 3 * int(torch.count_nonzero(mask)) < mask.numel():
-                values = tensor.detach().reshape(-1).index_select(0, flat_positions(mask))
-                on_mask[name] = (mask, values)
+            kept = int(torch.count_nonzero(mask)) if mask is not None else 0
+            if mask is not None and 3 * kept < mask.numel():
+                values = given.get(name)
+                if values is None:
+                    values = tensor.detach().reshape(-1).index_select(0, flat_positions(mask))
+                elif tuple(values.shape) != (kept,) or values.dtype != tensor.dtype:
+                    raise ConfigError(
+                        f"start values of {name!r} on its mask: {tuple(values.shape)} "
+                        f"{values.dtype}, expected ({kept},) {tensor.dtype}"
+                    )
+                on_mask[name] = (mask, values.detach())
             else:
                 whole[name] = tensor.detach().clone()
         return cls(on_mask, whole, frozenset(held or ()))

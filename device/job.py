@@ -79,6 +79,22 @@ def snapshot_tensors(arrays: Mapping[str, npt.NDArray[Any]]) -> dict[str, torch.
         return {name: torch.from_numpy(np.asarray(array)) for name, array in arrays.items()}
 
 
+def start_values_on_masks(
+    weights: Mapping[str, npt.NDArray[Any]], masks: Mapping[str, torch.Tensor]
+) -> dict[str, torch.Tensor]:
+    """The kept values of the received model's pruned tensors whose round starts on the mask
+    they travelled with (no density budget), shared, not copied: the round's start of those
+    tensors on their masks (``train_round(start_on_masks=...)``)."""
+    if not isinstance(weights, SparseWeights):
+        return {}
+    found: dict[str, npt.NDArray[Any]] = {}
+    for name, mask in masks.items():
+        sparse = weights.sparse(name) if name in weights else None
+        if sparse is not None and torch.equal(snapshot_tensors({name: sparse.mask})[name], mask):
+            found[name] = sparse.values
+    return snapshot_tensors(found)
+
+
 def to_update(
     snapshot: ModelSnapshot, result: RoundResult, *, train_s: float, download_s: float = 0.0
 ) -> DeviceUpdate:
@@ -155,6 +171,7 @@ def run_round_job(
     # start on their masks, not a dense copy.
     weights = snapshot.weights
     held = snapshot_tensors(weights.views() if isinstance(weights, SparseWeights) else weights)
+    held_on_masks = start_values_on_masks(weights, masks)
     reference = None
     if command.training.prox_mu > 0:
         reference = snapshot_tensors({name: weights[name] for name in weights})
@@ -170,6 +187,7 @@ def run_round_job(
         global_weights=reference,
         kernel_plan=kernel_plan,
         start_weights=held,
+        start_on_masks=held_on_masks,
         deltas_in_place=True,  # the model is this job's scratch: only the update leaves it
     )
     return to_update(snapshot, result, train_s=time.perf_counter() - start, download_s=download_s)

@@ -337,6 +337,7 @@ def train_round(
     global_weights: Mapping[str, torch.Tensor] | None = None,
     kernel_plan: frozenset[str] = frozenset(),
     start_weights: Mapping[str, torch.Tensor] | None = None,
+    start_on_masks: Mapping[str, torch.Tensor] | None = None,
     deltas_in_place: bool = False,
 ) -> RoundResult:
     """Train ``model`` in place for one round on ``data`` with its sparse structure ``masks``.
@@ -352,7 +353,8 @@ def train_round(
     every state_dict entry or some (the received global model; only its values on the masks
     matter for pruned tensors): the round keeps no copy of those entries, and their deltas are
     new tensors (the caller's are never written); it keeps the others itself, a sparse tensor
-    on its mask only.
+    on its mask only: its values there are ``start_on_masks``'s where the caller holds them
+    (one per kept entry of ``masks``, in flat order: the received model's kept values).
     ``deltas_in_place`` is for a caller that wants the update, not the trained model (a
     device's round job): the deltas are computed in the model's own float tensors, which then
     hold ``final - start`` instead of the trained weights (no delta buffers at the end).
@@ -367,7 +369,9 @@ def train_round(
     start_masks: Masks = dict(masks)
     current: Masks = dict(masks)
     apply_masks(model, current)
-    start = RoundStart.of(model.state_dict(), start_masks, held=start_weights)
+    start = RoundStart.of(
+        model.state_dict(), start_masks, held=start_weights, held_on_mask=start_on_masks
+    )
 
     plan = plan_steps(x.shape[0], settings, readjust)
     all_params = dict(model.named_parameters())

@@ -49,6 +49,11 @@ class SparseWeights(Mapping[str, FloatArray]):
         """The dense shape of ``name``, without building it."""
         return self._tensors[name].shape
 
+    def sparse(self, name: str) -> SparseTensor | None:
+        """``name`` as it travelled (its mask and kept values), None where every entry is kept."""
+        tensor = self._tensors[name]
+        return None if tensor.values.size == tensor.mask.size else tensor
+
     def views(self) -> dict[str, FloatArray]:
         """The tensors that read without a copy (every entry kept), as read-only views."""
         return {

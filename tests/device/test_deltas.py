@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from device.deltas import RoundStart
+from device.errors import ConfigError
 
 torch.set_num_threads(1)
 
@@ -55,3 +57,21 @@ def test_deltas_in_place_are_the_same_and_live_in_the_final_tensors() -> None:
         torch.testing.assert_close(delta, expected)
         if state[name].is_floating_point():
             assert delta.data_ptr() == state[name].data_ptr(), f"{name}'s delta is a copy"
+
+
+def test_start_values_held_on_the_mask_are_used_not_copied_and_checked() -> None:
+    """``held_on_mask``: the caller's kept values are the start (the same memory), the deltas
+    the same as from a start the round took itself; values that do not fit the mask are a
+    ConfigError naming the tensor, before anything is trained."""
+    state, masks = state_and_masks()
+    values = state["sparse"][masks["sparse"]].clone()
+    own = RoundStart.of({n: t.clone() for n, t in state.items()}, masks)
+    given = RoundStart.of(state, masks, held_on_mask={"sparse": values})
+    assert given.on_mask["sparse"][1].data_ptr() == values.data_ptr()
+    trained(state, masks)
+    final = {name: tensor.clone() for name, tensor in state.items()}
+    expected = own.deltas(final, masks)
+    for name, delta in given.deltas(state, masks).items():
+        assert torch.equal(delta, expected[name])
+    with pytest.raises(ConfigError, match=r"'sparse' on its mask: \(3,\)"):
+        RoundStart.of(state, masks, held_on_mask={"sparse": torch.zeros(3)})

@@ -12,9 +12,16 @@ import device.agent as agent_module
 from device.agent import AgentOptions, DeviceAgent
 from device.data import Dataset
 from device.errors import ConfigError
-from device.job import kernel_plan_for, load_model, run_round_job
+from device.job import (
+    kernel_plan_for,
+    load_model,
+    run_round_job,
+    snapshot_tensors,
+    start_values_on_masks,
+)
 from device.models import create_model
 from device.sparse.masks import initial_masks
+from device.sparse.nested import nested_masks
 from device.trainer import train_round
 from device.wire import envelope
 from device.wire.codec import model_digest
@@ -218,3 +225,23 @@ def test_a_snapshot_kept_sparse_trains_the_same_round_as_a_dense_one(prox_mu: fl
         other = updates[1].deltas[name]
         assert np.array_equal(other.mask, delta.mask), name
         assert np.array_equal(other.values, delta.values), name
+
+
+def test_a_sparse_snapshots_kept_values_are_the_rounds_start_where_its_masks_are() -> None:
+    """The start of a pruned tensor on its mask is the received model's own kept values
+    (shared, not copied), only where the round starts on the mask they travelled with: not
+    under a density budget's nested mask, nor for a dense snapshot."""
+    dense = make_snapshot(0.1)
+    kept = envelope.decode(envelope.encode(Envelope(body=dense, run_id="r")), sparse_weights=True)
+    snapshot = kept.body
+    assert isinstance(snapshot, ModelSnapshot) and isinstance(snapshot.weights, SparseWeights)
+    masks = snapshot_tensors(snapshot.masks)
+    held = start_values_on_masks(snapshot.weights, masks)
+    assert set(held) == {"fc1.weight", "fc2.weight"}
+    for name, values in held.items():
+        sparse = snapshot.weights.sparse(name)
+        assert sparse is not None
+        assert values.data_ptr() == sparse.values.ctypes.data
+    nested = snapshot_tensors(nested_masks(snapshot.weights, snapshot.masks, 0.05))
+    assert start_values_on_masks(snapshot.weights, nested) == {}
+    assert start_values_on_masks(dense.weights, masks) == {}
