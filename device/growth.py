@@ -12,6 +12,10 @@ pruned weight, kept for the whole window (the last local epoch). Where it lives:
   each step :meth:`GrowthGradient.settle` clears both halves of what the step left: the weight off
   the mask (the dense update subtracted ``lr`` times the sum there) and the gradient on the mask.
   No separate sum: 25.7 MB less for femnist_cnn's fc1 (docs/hardware.md).
+  A layer that sparse kernels train through its kept values (``untrained``: the optimiser never
+  reads the weight's gradient, which exists for growth alone) sums its whole dense gradient
+  there, the kernels adding each step's product in place (``device.sparse.kernels.grads``);
+  nothing to settle.
 * **In a separate tensor** for every other pruned weight, allocated at the window's first step.
 
 Either way the score is the same sum up to float rounding (``addmm_`` accumulates in a
@@ -41,11 +45,17 @@ class GrowthGradient:
     optimiser step.
     """
 
-    def __init__(self, params: Mapping[str, nn.Parameter], in_gradient: frozenset[str]) -> None:
+    def __init__(
+        self,
+        params: Mapping[str, nn.Parameter],
+        in_gradient: frozenset[str],
+        untrained: frozenset[str] = frozenset(),
+    ) -> None:
         unknown = in_gradient - set(params)
         if unknown:
             raise ValueError(f"GrowthGradient: {sorted(unknown)} are not pruned weights")
         self.in_gradient = in_gradient
+        self._settled = in_gradient - untrained
         self._separate: dict[str, torch.Tensor | None] = {
             name: None for name in params if name not in in_gradient
         }
@@ -56,13 +66,17 @@ class GrowthGradient:
         buffered: frozenset[str],
         supports: Mapping[str, torch.Tensor],
         momentum: float,
+        untrained: frozenset[str] = frozenset(),
     ) -> frozenset[str]:
         """The pruned weights whose sum can live in their gradient: gradient in a round-long
         buffer (``buffered``) and read on the mask only by the optimiser (a ``support``, or no
-        momentum). The caller excludes the rounds where every step's gradient is read whole
-        (importance, FedProx)."""
+        momentum), or not read by the optimiser at all (``untrained``: kernels' values mode).
+        The caller excludes the rounds where every step's gradient is read whole (importance,
+        FedProx)."""
         return frozenset(
-            name for name in params if name in buffered and (momentum == 0 or name in supports)
+            name
+            for name in params
+            if name in untrained or (name in buffered and (momentum == 0 or name in supports))
         )
 
     def kept(self, step: int, window: tuple[int, int]) -> frozenset[str]:
@@ -88,11 +102,12 @@ class GrowthGradient:
         masks: Mapping[str, torch.Tensor],
         supports: Mapping[str, torch.Tensor],
     ) -> None:
-        """After a window step's optimiser step: the weights of :attr:`in_gradient` back to
-        exactly 0 off their masks, their gradients to 0 on them (the sum stays off the mask).
+        """After a window step's optimiser step: the weights of :attr:`in_gradient` that it
+        trained back to exactly 0 off their masks, their gradients to 0 on them (the sum stays
+        off the mask).
         ``supports``: the masks' flat positions where the optimiser has them (faster)."""
         with torch.no_grad():
-            for name in self.in_gradient:
+            for name in self._settled:
                 param, mask = params[name], masks[name]
                 clear_outside(param, mask)
                 grad = param.grad

@@ -276,10 +276,11 @@ class _Optimised:
             self.optimizer.zero_grad()
             self._model.zero_grad(set_to_none=True)
             return
+        params = dict(self._model.named_parameters())
         for name, tensor in self.optimizer.tensors.items():
-            if name not in keep:
+            if name not in keep or tensor is not params.get(name):  # values mode: not kept
                 tensor.grad = None
-        for name, param in self._model.named_parameters():
+        for name, param in params.items():
             if name not in keep:
                 param.grad = None
 
@@ -402,10 +403,11 @@ def train_round(
         if gradient_growth:
             # A sum can live in a gradient unless every step reads the gradient whole.
             whole = report_importance or bool(prox_ref)
+            untrained = optimised.values_mode
             in_gradient = GrowthGradient.eligible(
-                params, buffered, optimised.optimizer.supports, settings.momentum
+                params, buffered, optimised.optimizer.supports, settings.momentum, untrained
             )
-            growth = GrowthGradient(params, frozenset() if whole else in_gradient)
+            growth = GrowthGradient(params, frozenset() if whole else in_gradient, untrained)
         while step < plan.total_steps:
             order = torch.randperm(x.shape[0], generator=shuffle)
             for first in range(0, x.shape[0], settings.batch_size):

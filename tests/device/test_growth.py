@@ -46,7 +46,11 @@ def test_only_the_big_layer_is_buffered() -> None:
 
 
 def run(
-    monkeypatch: pytest.MonkeyPatch, *, in_gradient: bool, momentum: float = 0.9
+    monkeypatch: pytest.MonkeyPatch,
+    *,
+    in_gradient: bool,
+    momentum: float = 0.9,
+    kernel_plan: frozenset[str] = frozenset(),
 ) -> tuple[nn.Module, dict[str, torch.Tensor], list[frozenset[str]], object]:
     """One readjusting round (3 epochs of 6 steps, readjust after step 9, window 4..9); the
     sums held where asked. Returns the trained model, the grow scores by name (before |.|),
@@ -61,8 +65,10 @@ def run(
 
     original = GrowthGradient.__init__
 
-    def recording(self: GrowthGradient, params: object, in_gradient: frozenset[str]) -> None:
-        original(self, params, in_gradient)  # type: ignore[arg-type]
+    def recording(
+        self: GrowthGradient, params: object, in_gradient: frozenset[str], *rest: object
+    ) -> None:
+        original(self, params, in_gradient, *rest)  # type: ignore[arg-type]
         used.append(in_gradient)
 
     monkeypatch.setattr(trainer_module, "grow_scores_gradient", spy)
@@ -73,22 +79,32 @@ def run(
     masks = make_masks(model)
     settings = LocalTraining(epochs=3, batch_size=16, lr=0.05, momentum=momentum, weight_decay=1e-3)
     readjust = Readjust(alpha=0.1, at_fraction=0.5)
-    result = train_round(model, masks, make_data(), settings, seed=4, readjust=readjust)
+    result = train_round(
+        model, masks, make_data(), settings, seed=4, readjust=readjust, kernel_plan=kernel_plan
+    )
     monkeypatch.undo()
     return model, scores, used, result
 
 
-@pytest.mark.parametrize("momentum", [0.9, 0.0])
+@pytest.mark.parametrize(
+    ("momentum", "kernels"), [(0.9, False), (0.0, False), (0.9, True)], ids=["sgdm", "sgd", "csr"]
+)
 def test_a_sum_in_the_gradient_gives_the_separate_sums_scores_and_round(
-    monkeypatch: pytest.MonkeyPatch, momentum: float
+    monkeypatch: pytest.MonkeyPatch, momentum: float, kernels: bool
 ) -> None:
-    """The big layer's sum lives in its gradient (momentum on a support, or none), the small
-    layer's apart; against a round with every sum apart: the same grow scores off the start
-    mask up to float rounding (the sums add in another order), the same new masks, weights and
-    deltas; and the weights stay exactly 0 off the final masks (the steps in the window
-    subtracted lr times the sum there before it was cleared)."""
-    model_a, scores_a, used_a, a = run(monkeypatch, in_gradient=True, momentum=momentum)
-    model_b, scores_b, used_b, b = run(monkeypatch, in_gradient=False, momentum=momentum)
+    """The big layer's sum lives in its gradient (momentum on a support, or none, or trained
+    by sparse kernels through its values, whose backward adds each step's dense product to the
+    weight's gradient), the small layer's apart; against a round with every sum apart: the same
+    grow scores off the start mask up to float rounding (the sums add in another order), the
+    same new masks, weights and deltas; and the weights stay exactly 0 off the final masks (the
+    steps in the window subtracted lr times the sum there before it was cleared)."""
+    plan = frozenset({BIG}) if kernels else frozenset()
+    model_a, scores_a, used_a, a = run(
+        monkeypatch, in_gradient=True, momentum=momentum, kernel_plan=plan
+    )
+    model_b, scores_b, used_b, b = run(
+        monkeypatch, in_gradient=False, momentum=momentum, kernel_plan=plan
+    )
     assert used_a == [frozenset({BIG})] and used_b == [frozenset()]
     start = make_masks(make_model())
     for name in (BIG, "2.weight"):
@@ -120,8 +136,10 @@ def test_importance_or_fedprox_keep_every_sum_apart(monkeypatch: pytest.MonkeyPa
     used: list[frozenset[str]] = []
     original = GrowthGradient.__init__
 
-    def recording(self: GrowthGradient, params: object, in_gradient: frozenset[str]) -> None:
-        original(self, params, in_gradient)  # type: ignore[arg-type]
+    def recording(
+        self: GrowthGradient, params: object, in_gradient: frozenset[str], *rest: object
+    ) -> None:
+        original(self, params, in_gradient, *rest)  # type: ignore[arg-type]
         used.append(in_gradient)
 
     monkeypatch.setattr(GrowthGradient, "__init__", recording)
@@ -150,6 +168,8 @@ def test_eligible_names_buffered_weights_whose_optimiser_reads_the_mask_only() -
     assert GrowthGradient.eligible(pruned, frozenset({BIG}), {}, 0.9) == frozenset()
     assert GrowthGradient.eligible(pruned, frozenset({BIG}), {}, 0.0) == {BIG}
     assert GrowthGradient.eligible(pruned, frozenset(), supports, 0.9) == frozenset()
+    untrained = frozenset({"2.weight"})  # trained through kernel values: any size, any momentum
+    assert GrowthGradient.eligible(pruned, frozenset(), {}, 0.9, untrained) == {"2.weight"}
     with pytest.raises(ValueError, match="not pruned"):
         GrowthGradient(pruned, frozenset({"0.bias"}))
 

@@ -177,6 +177,45 @@ def test_linear_full_weight_grad_gives_the_dense_gradient() -> None:
     torch.testing.assert_close(w_sparse.grad, want, atol=1e-5, rtol=1e-5)
 
 
+def test_a_full_weight_gradient_still_set_is_added_to_in_place() -> None:
+    """A weight whose dense gradient is still set (a trainer summing growth gradients there)
+    gets the next backward's dense product added to it in the same memory, as autograd would
+    add it (no new weight-sized tensor); linear and conv alike."""
+    mask, x, weight, bias, grad_out = _linear_case(0.2, torch.float32)
+    conv_mask = _mask((8, 4, 3, 3), 0.2, seed=26)
+    conv_x, conv_out = _randn(2, 4, 7, 7, seed=27), _randn(2, 8, 7, 7, seed=28)
+    cases = [
+        (
+            (weight * mask).clone().requires_grad_(),
+            lambda w: linear_sparse(x, w, bias, csr_structure(mask), full_weight_grad=True),
+            lambda w: F.linear(x, w, bias),
+            grad_out,
+        ),
+        (
+            (_randn(8, 4, 3, 3, seed=29) * conv_mask).requires_grad_(),
+            lambda w: conv2d_sparse(
+                conv_x,
+                w,
+                None,
+                csr_structure(conv_mask.reshape(8, -1)),
+                padding=1,
+                full_weight_grad=True,
+            ),
+            lambda w: F.conv2d(conv_x, w, None, padding=1),
+            conv_out,
+        ),
+    ]
+    for w, sparse, dense, out_grad in cases:
+        reference = w.detach().clone().requires_grad_()
+        handed: list[torch.Tensor] = []  # dense gradients the kernel gave autograd for w
+        w.register_hook(lambda grad, seen=handed: None if grad is None else seen.append(grad))
+        for scale in (0.5, 0.5, 1.0):
+            torch.autograd.backward(sparse(w), out_grad * scale)
+            torch.autograd.backward(dense(reference), out_grad * scale)
+        assert len(handed) == 1, "a set gradient got a new weight-sized tensor added to it"
+        torch.testing.assert_close(w.grad, reference.grad, atol=1e-5, rtol=1e-5)
+
+
 # --- conv2d ----------------------------------------------------------------------------------
 
 

@@ -64,6 +64,7 @@ class _SparseConv2dFn(torch.autograd.Function):
         ctx.has_bias = bias is not None
         ctx.input_hw = (height, width)
         ctx.weight_shape = weight_shape
+        ctx.sink = dense_sink
         ctx.save_for_backward(cols_t, values)
         ctx.values_leaf = trained_leaf(values)
         return out.reshape(batch, structure.shape[0], out_h, out_w)

@@ -50,9 +50,20 @@ def input_grads(
     ctx: Any, structure: CsrStructure, g_t: torch.Tensor, x: torch.Tensor
 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """The gradients of the values (``[nnz]``) and of the dense weight sink (``g_t @ x``, shaped
-    like the weight), each only where autograd asks for it (inputs 1 and 2 of the Function)."""
+    like the weight), each only where autograd asks for it (inputs 1 and 2 of the Function).
+
+    A sink (``ctx.sink``, a leaf: the weight) whose ``grad`` is still set gets the product added
+    to it in place, as autograd would add it (``AccumulateGrad``), without a new weight-sized
+    tensor (a trainer summing FedDST's growth gradient there, ``device.growth``); None goes to
+    autograd for it, and the values get their on-mask gradient as on any other step."""
     grad_values = grad_dense = None
-    if ctx.needs_input_grad[2]:
+    sink: torch.Tensor | None = getattr(ctx, "sink", None)
+    held = sink.grad if sink is not None else None
+    if ctx.needs_input_grad[2] and held is not None and held.is_contiguous():
+        held.view(structure.shape).addmm_(g_t, x)
+        if ctx.needs_input_grad[1]:
+            grad_values = values_grad(ctx, structure, g_t, x)
+    elif ctx.needs_input_grad[2]:
         dense = torch.mm(g_t, x)
         grad_dense = dense.view(ctx.weight_shape)
         if ctx.needs_input_grad[1]:

@@ -39,6 +39,7 @@ class SparseLinearFn(torch.autograd.Function):
         ctx.structure = structure
         ctx.has_bias = bias is not None
         ctx.weight_shape = torch.Size(structure.shape)
+        ctx.sink = dense_sink
         ctx.save_for_backward(x2, values)
         ctx.values_leaf = trained_leaf(values)
         return y.contiguous().view(*x.shape[:-1], structure.shape[0])
