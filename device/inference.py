@@ -44,7 +44,6 @@ from torch import nn
 from device.errors import ConfigError, DataError
 from device.model_store import ActiveModel, ModelStore, usage_key
 from device.models import meta_model
-from device.sparse.kernels.plan import choose_plan
 from device.trust import TrustedKeys
 from device.wire.artefact import Artefact, ArtefactModel, Manifest, read_artefact
 from device.wire.codec import SparseTensor
@@ -307,6 +306,8 @@ def measure_plan(
     version, "threads": n}``. A layer computes sparsely when ``choose_plan`` picks it at every
     batch size (a layer that loses at one size is not measured at the next). Makes one dense
     copy of one layer at a time."""
+    from device.sparse.kernels.plan import choose_plan  # lazy: only a deployment measures
+
     model = meta_model(manifest.model)
     chosen = set(_planned(decoded, model))
     try:

@@ -63,3 +63,15 @@ def loaded() -> dict[str, bool]:
 @pytest.mark.parametrize("module", ["torch._dynamo", "sympy"])
 def test_a_round_job_does_not_import(loaded: dict[str, bool], module: str) -> None:
     assert loaded[module] is False
+
+
+def test_the_agent_loads_the_sparse_kernels_only_when_a_job_uses_them() -> None:
+    """``fleet-device run`` imports the agent and its CLI; the kernels (and ``statistics``,
+    which their planner uses) load with the first job or deployment that plans them."""
+    code = (
+        "import json, sys; import device.cli, device.agent; "
+        "print(json.dumps([m for m in ('device.sparse.kernels', 'statistics') "
+        "if m in sys.modules]))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True)
+    assert json.loads(out.stdout.strip().splitlines()[-1]) == []
