@@ -115,7 +115,7 @@ class GrowthGradient:
                     continue
                 support = supports.get(name)
                 if support is not None and grad.is_contiguous():
-                    grad.view(-1).index_fill_(0, support, 0.0)
+                    grad.view(-1).index_put_((support,), torch.zeros((), dtype=grad.dtype))
                 else:
                     grad.masked_fill_(mask, 0.0)
 

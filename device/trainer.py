@@ -55,7 +55,7 @@ from device.sparse.masks import (
     Masks,
     apply_masks,
     check_masks,
-    flat_positions,
+    flat_positions32,
     masks_equal,
     zero_outside,
 )
@@ -263,7 +263,7 @@ class _Optimised:
         if self._settings.momentum == 0:
             return {}  # no momentum buffers: positions would only cost memory
         return {
-            name: flat_positions(mask)
+            name: flat_positions32(mask)
             for name, mask in self._masks.items()
             if name not in self.values_mode
             and int(torch.count_nonzero(mask)) < COMPACT_MOMENTUM_BELOW * mask.numel()

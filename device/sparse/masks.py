@@ -136,6 +136,22 @@ def clear_outside(tensor: torch.Tensor, mask: torch.Tensor) -> None:
     torch.where(mask, tensor, torch.zeros((), dtype=tensor.dtype), out=tensor)
 
 
+def flat_positions32(mask: torch.Tensor) -> torch.Tensor:
+    """:func:`flat_positions` as int32 (``mask.numel() < 2**31``), built one slice of
+    ``_SLICE`` entries at a time: 4 bytes per kept entry and no int64 array of them all
+    (femnist_cnn's fc1 at density 0.1: 2.6 MB where ``nonzero`` makes 5.1)."""
+    flat = mask.reshape(-1)
+    if flat.numel() >= 2**31:
+        raise ValueError(f"a mask of {flat.numel()} entries has positions beyond int32")
+    out = torch.empty(int(torch.count_nonzero(flat)), dtype=torch.int32)
+    done = 0
+    for first in range(0, flat.numel(), _SLICE):
+        local = flat[first : first + _SLICE].nonzero().squeeze(1)
+        out[done : done + local.numel()] = local.add_(first)
+        done += local.numel()
+    return out
+
+
 def positions_of_ranks(flat_mask: torch.Tensor, ranks: torch.Tensor) -> torch.Tensor:
     """The flat positions of the kept entries of a 1-D bool mask with the given ranks (0 = the
     first kept entry in flat order), in the order of ``ranks`` (int64).

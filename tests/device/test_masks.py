@@ -15,6 +15,7 @@ from device.sparse.masks import (
     clear_outside,
     count_nonzero,
     flat_positions,
+    flat_positions32,
     initial_masks,
     mask_density,
     masks_equal,
@@ -186,3 +187,19 @@ def test_clear_outside_writes_exact_positive_zeros_off_the_mask_whatever_was_the
     assert values[~mask].tolist() == [0.0, 0.0, 0.0]
     assert not torch.signbit(values[~mask]).any()
     assert torch.isnan(values[0, 2]) and values[1, 0] == -1.0 and values[1, 2] == 3.0
+
+
+@pytest.mark.parametrize("slice_", [7, 1 << 18])
+def test_flat_positions32_are_the_positions_as_int32(
+    monkeypatch: pytest.MonkeyPatch, slice_: int
+) -> None:
+    """The same positions as ``flat_positions``, int32, over many slices and one."""
+    import device.sparse.masks as masks_module
+
+    monkeypatch.setattr(masks_module, "_SLICE", slice_)
+    g = torch.Generator().manual_seed(8)
+    for shape in [(0,), (1,), (5, 9), (30, 41), (3, 4, 5)]:
+        mask = torch.rand(shape, generator=g) < 0.3
+        positions = flat_positions32(mask)
+        assert positions.dtype == torch.int32
+        assert torch.equal(positions.long(), flat_positions(mask))

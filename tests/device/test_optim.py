@@ -100,12 +100,16 @@ def test_pre_hooks_see_every_step_until_removed() -> None:
 
 
 @pytest.mark.parametrize("weight_decay", [0.0, 1e-3])
-def test_momentum_on_a_support_equals_a_dense_buffer_bit_for_bit(weight_decay: float) -> None:
-    """A tensor whose gradient and value are zero off its support trains exactly as with a dense
-    momentum buffer, which the support keeps in k floats; the buffer reads back dense."""
+@pytest.mark.parametrize("dtype", [torch.int64, torch.int32])
+def test_momentum_on_a_support_equals_a_dense_buffer_bit_for_bit(
+    weight_decay: float, dtype: torch.dtype
+) -> None:
+    """A tensor whose gradient and value are zero off its support (int64 or int32 positions)
+    trains exactly as with a dense momentum buffer, which the support keeps in k floats; the
+    buffer reads back dense."""
     g = torch.Generator().manual_seed(5)
     mask = torch.rand(40, 30, generator=g) < 0.15
-    support = mask.reshape(-1).nonzero().squeeze(1)
+    support = mask.reshape(-1).nonzero().squeeze(1).to(dtype)
     start = torch.randn(40, 30, generator=g) * mask
     dense_w, sparse_w = start.clone().requires_grad_(), start.clone().requires_grad_()
     dense = MomentumSGD({"w": dense_w}, lr=0.05, momentum=0.9, weight_decay=weight_decay)
@@ -138,8 +142,9 @@ def test_a_support_momentum_moves_to_a_new_mask_as_zeroing_a_dense_one_would(
         new = (old & (torch.rand(300, generator=g) < 0.7)) | (torch.rand(300, generator=g) < 0.1)
         dense = torch.randn(300, generator=g) * old
         old_at, new_at = old.nonzero().squeeze(1), new.nonzero().squeeze(1)
-        moved = move_to_support(dense[old_at], old_at, new_at)
         expected = dense.masked_fill(~(old & new), 0.0)[new_at]
-        assert torch.equal(moved, expected)
+        for dtype in (torch.int64, torch.int32):
+            moved = move_to_support(dense[old_at], old_at.to(dtype), new_at.to(dtype))
+            assert torch.equal(moved, expected)
     empty = torch.zeros(0, dtype=torch.int64)
     assert torch.equal(move_to_support(torch.zeros(0), empty, torch.tensor([2, 5])), torch.zeros(2))
