@@ -19,12 +19,9 @@ from device.errors import ConfigError
 from device.sparse.masks import positions_of_ranks
 
 
-def drop_scores_magnitude(weight: torch.Tensor, *, out: torch.Tensor | None = None) -> torch.Tensor:
-    """Drop score: ``|w|``; the smallest active ones are dropped. ``out``: a float tensor of
-    the weight's shape to write it into (memory the caller has no more use for)."""
-    if out is None:
-        return weight.detach().abs()
-    return torch.abs(weight.detach(), out=out)
+def drop_scores_magnitude(weight: torch.Tensor) -> torch.Tensor:
+    """Drop score: ``|w|``; the smallest active ones are dropped."""
+    return weight.detach().abs()
 
 
 def drop_scores_magnitude_active(weight: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

@@ -45,6 +45,21 @@ def test_only_the_big_layer_is_buffered() -> None:
     assert buffered_names(make_model()) == {BIG}
 
 
+def record_in_gradient(monkeypatch: pytest.MonkeyPatch) -> list[frozenset[str]]:
+    """The ``in_gradient`` set of every GrowthGradient built from now on, in order."""
+    used: list[frozenset[str]] = []
+    original = GrowthGradient.__init__
+
+    def recording(
+        self: GrowthGradient, params: object, in_gradient: frozenset[str], *rest: object
+    ) -> None:
+        original(self, params, in_gradient, *rest)  # type: ignore[arg-type]
+        used.append(in_gradient)
+
+    monkeypatch.setattr(GrowthGradient, "__init__", recording)
+    return used
+
+
 def run(
     monkeypatch: pytest.MonkeyPatch,
     *,
@@ -56,23 +71,14 @@ def run(
     sums held where asked. Returns the trained model, the grow scores by name (before |.|),
     the ``in_gradient`` sets the rounds used, and the round's result."""
     scores: dict[str, torch.Tensor] = {}
-    used: list[frozenset[str]] = []
     names = iter([BIG, "2.weight"])
 
     def spy(grad: torch.Tensor, *, in_place: bool = False) -> torch.Tensor:
         scores[next(names)] = grad.clone()
         return grad.abs_() if in_place else grad.abs()
 
-    original = GrowthGradient.__init__
-
-    def recording(
-        self: GrowthGradient, params: object, in_gradient: frozenset[str], *rest: object
-    ) -> None:
-        original(self, params, in_gradient, *rest)  # type: ignore[arg-type]
-        used.append(in_gradient)
-
     monkeypatch.setattr(trainer_module, "grow_scores_gradient", spy)
-    monkeypatch.setattr(GrowthGradient, "__init__", recording)
+    used = record_in_gradient(monkeypatch)
     if not in_gradient:
         monkeypatch.setattr(GrowthGradient, "eligible", staticmethod(lambda *a: frozenset()))
     model = make_model()
@@ -133,16 +139,7 @@ def test_a_sum_in_the_gradient_gives_the_separate_sums_scores_and_round(
 def test_importance_or_fedprox_keep_every_sum_apart(monkeypatch: pytest.MonkeyPatch) -> None:
     """Rounds that read each step's whole gradient (PruneFL's importance, FedProx's term) hold
     no sum in a gradient."""
-    used: list[frozenset[str]] = []
-    original = GrowthGradient.__init__
-
-    def recording(
-        self: GrowthGradient, params: object, in_gradient: frozenset[str], *rest: object
-    ) -> None:
-        original(self, params, in_gradient, *rest)  # type: ignore[arg-type]
-        used.append(in_gradient)
-
-    monkeypatch.setattr(GrowthGradient, "__init__", recording)
+    used = record_in_gradient(monkeypatch)
     readjust = Readjust(alpha=0.1, at_fraction=0.5)
     plain = LocalTraining(epochs=1, batch_size=32, lr=0.05)
     prox = LocalTraining(epochs=1, batch_size=32, lr=0.05, prox_mu=0.1)
