@@ -272,10 +272,6 @@ class _Optimised:
     def zero_grad(self, keep: frozenset[str] = frozenset()) -> None:
         """Clear every gradient, the planned weights' dense ones included, except the
         parameters ``keep`` names (gradients that hold a growth sum, ``device.growth``)."""
-        if not keep:
-            self.optimizer.zero_grad()
-            self._model.zero_grad(set_to_none=True)
-            return
         params = dict(self._model.named_parameters())
         for name, tensor in self.optimizer.tensors.items():
             if name not in keep or tensor is not params.get(name):  # values mode: not kept

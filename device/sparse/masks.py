@@ -106,7 +106,7 @@ def apply_masks(model: nn.Module, masks: Mapping[str, torch.Tensor]) -> None:
     params = check_masks(model, masks)
     with torch.no_grad():
         for name, param in params.items():
-            param.masked_fill_(~masks[name], 0.0)
+            clear_outside(param, masks[name])
 
 
 _SLICE = 1 << 18  # entries per slice of ``zero_outside``: a 1 MiB float temporary, cache-sized

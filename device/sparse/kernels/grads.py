@@ -57,7 +57,7 @@ def input_grads(
     tensor (a trainer summing FedDST's growth gradient there, ``device.growth``); None goes to
     autograd for it, and the values get their on-mask gradient as on any other step."""
     grad_values = grad_dense = None
-    sink: torch.Tensor | None = getattr(ctx, "sink", None)
+    sink: torch.Tensor | None = ctx.sink
     held = sink.grad if sink is not None else None
     if ctx.needs_input_grad[2] and held is not None and held.is_contiguous():
         held.view(structure.shape).addmm_(g_t, x)
