@@ -158,6 +158,7 @@ def cmd_run(config_path: Path) -> int:
     from device.deploy_options import deploy_options
     from device.model_id import offers
     from device.profile import measure_profile
+    from device.torch_setup import configure_torch
     from device.wire.topics import Topics
 
     logging.basicConfig(
@@ -165,6 +166,7 @@ def cmd_run(config_path: Path) -> int:
     )
     data = local_data(config)
     counts = initial_counts(data)
+    configure_torch(config.torch_threads, config.torch_onednn)  # before the profile
     profile = measure_profile(config.profile_model) if config.profile_on_start else None
     agent = DeviceAgent(
         transport,

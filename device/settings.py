@@ -57,6 +57,9 @@ from device.wire.topics import validate_prefix
 MAX_KEEPALIVE_S = 65535  # MQTT's Keep Alive is a two-byte number of seconds
 MAX_SESSION_EXPIRY_S = 2**32 - 1  # a four-byte number of seconds ("never expires")
 
+OneDnn = Literal["auto", "enabled", "disabled"]
+"""``torch_onednn``: oneDNN for convolutions; ``auto`` is off below 768 MB (device.torch_setup)."""
+
 
 @dataclass(frozen=True)
 class TlsConfig:
@@ -166,6 +169,7 @@ class DeviceConfig:
     tags: tuple[str, ...] = ()
     topics_prefix: str = "fl/v1"
     torch_threads: int = 0  # 0 = torch's default (all cores)
+    torch_onednn: OneDnn = "auto"  # convolutions with oneDNN (device.torch_setup)
     profile_on_start: bool = False  # measure the device profile before announcing
     # The model the profile measures: the one this fleet's runs train. With a profile of the
     # run's model, the agent computes each layer with a sparse kernel where that is faster.

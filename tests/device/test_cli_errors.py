@@ -92,6 +92,11 @@ CASES: dict[str, Case] = {
         ConfigError.exit_code,
         "torch_threads: must be 0",
     ),
+    "oneDNN as a YAML boolean": Case(
+        config("device_id: d1\ntorch_onednn: false\n" + GOOD),
+        ConfigError.exit_code,
+        "torch_onednn: expected one of 'auto', 'enabled', 'disabled', got False",
+    ),
     "unknown key": Case(
         config("device_id: d1\nbrokr: {}\n" + GOOD), ConfigError.exit_code, "brokr"
     ),
