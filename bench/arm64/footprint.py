@@ -202,8 +202,12 @@ def _run(
 def job_specs(models: Sequence[str], densities: Sequence[float]) -> Iterator[JobSpec]:
     for model in models:
         for density in densities:
-            for kernels in (False, True) if density < 1.0 else (False,):
-                yield replace(BASE, model=model, density=density, kernels=kernels)
+            # torch's default, then what torch_onednn: auto gives a device below 768 MB.
+            for onednn in ("auto", "disabled"):
+                for kernels in (False, True) if density < 1.0 else (False,):
+                    yield replace(
+                        BASE, model=model, density=density, kernels=kernels, onednn=onednn
+                    )
 
 
 def setting_specs() -> Iterator[JobSpec]:
@@ -220,6 +224,7 @@ def setting_specs() -> Iterator[JobSpec]:
             yield replace(target, chunk_bytes=256 * 1024)
         yield replace(target, malloc_arena_max=2)
         yield replace(target, malloc_mmap_threshold_kb=0)  # glibc's dynamic threshold
+        yield replace(target, malloc_mmap_threshold_kb=1024)  # the role's default until 12-06
         yield replace(target, launcher_args=lean)
         yield replace(target, torch_threads=1, malloc_arena_max=2, launcher_args=lean)
         yield replace(target, kernels=True, torch_threads=1, malloc_arena_max=2, launcher_args=lean)

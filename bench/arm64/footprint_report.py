@@ -61,12 +61,19 @@ def _setting(spec: Mapping[str, Any]) -> str:
         for part in (
             f"threads {spec['torch_threads']}" if spec["torch_threads"] != 2 else "",
             f"MALLOC_ARENA_MAX={spec['malloc_arena_max']}" if spec["malloc_arena_max"] else "",
-            "no MALLOC_MMAP_THRESHOLD_" if not spec.get("malloc_mmap_threshold_kb", 0) else "",
+            _mmap_threshold(spec.get("malloc_mmap_threshold_kb", 0)),
+            f"oneDNN {spec['onednn']}" if spec.get("onednn", "auto") != "auto" else "",
             f"chunks {spec['chunk_bytes'] // 1024} KiB" if spec["chunk_bytes"] else "",
             " ".join(a for a in spec["launcher_args"] if a == "--no-meta-init"),
         )
         if part
     )
+
+
+def _mmap_threshold(kb: int) -> str:
+    if kb == JobSpec.malloc_mmap_threshold_kb:
+        return ""
+    return f"MALLOC_MMAP_THRESHOLD_ {kb} KiB" if kb else "no MALLOC_MMAP_THRESHOLD_"
 
 
 def _job_row(e: Entry, idle_kb: float) -> str:

@@ -42,8 +42,9 @@ class JobSpec:
     local data and training (200 examples, 2 epochs of batch 20 by default), torch threads, how
     many rounds, the largest MQTT chunk (bytes; 0 = the transport's default), glibc's
     ``MALLOC_ARENA_MAX`` (0 = unset) and ``MALLOC_MMAP_THRESHOLD_`` in KiB (default: the Ansible
-    device role's ``fleet_device_malloc_mmap_threshold_kb``; 0 = unset), further
-    ``probed_agent.py`` arguments."""
+    device role's ``fleet_device_malloc_mmap_threshold_kb``; 0 = unset), the device's
+    ``torch_onednn`` (``auto`` is oneDNN on here: the host has more than 768 MB; ``disabled``
+    is what ``auto`` gives a Zero 2 W), further ``probed_agent.py`` arguments."""
 
     model: str = "mnist_cnn"
     density: float = 0.2
@@ -55,13 +56,15 @@ class JobSpec:
     rounds: int = 1
     chunk_bytes: int = 0
     malloc_arena_max: int = 0
-    malloc_mmap_threshold_kb: int = 1024
+    malloc_mmap_threshold_kb: int = 128
+    onednn: str = "auto"
     launcher_args: tuple[str, ...] = ()
 
     @property
     def label(self) -> str:
         kernels = "kernels" if self.kernels else "dense"
-        return f"{self.model} d={self.density:g} {kernels}"
+        onednn = "" if self.onednn == "auto" else f" oneDNN {self.onednn}"
+        return f"{self.model} d={self.density:g} {kernels}{onednn}"
 
 
 @dataclass(frozen=True)
@@ -106,6 +109,7 @@ def write_device_files(work: Path, spec: JobSpec, broker_port: int) -> Path:
             "eval_fraction": 0.0,
         },
         "torch_threads": spec.torch_threads,
+        "torch_onednn": spec.onednn,
         "profile_on_start": spec.kernels,
         "profile_model": spec.model,
         "model_wait_s": 1800.0,
@@ -296,6 +300,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--kernels", action="store_true")
     parser.add_argument("--where", choices=("native", "arm64"), default="native")
     parser.add_argument("--work", type=Path, default=Path("/tmp/sparsefleet-arm64-job"))
+    parser.add_argument("--torch-threads", type=int, default=JobSpec.torch_threads)
+    parser.add_argument(
+        "--mmap-threshold-kb",
+        type=int,
+        default=JobSpec.malloc_mmap_threshold_kb,
+        help="glibc's MALLOC_MMAP_THRESHOLD_ in KiB (0: unset)",
+    )
+    parser.add_argument("--onednn", choices=("auto", "enabled", "disabled"), default="auto")
     parser.add_argument("launcher_args", nargs="*", help="more probed_agent.py options")
     args = parser.parse_args(argv)
     work = args.work
@@ -314,6 +326,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         kernels=args.kernels,
         examples=200,
         epochs=1,
+        torch_threads=args.torch_threads,
+        malloc_mmap_threshold_kb=args.mmap_threshold_kb,
+        onednn=args.onednn,
         launcher_args=("--phases", *args.launcher_args),
     )
     result = run_job([python, str(agent)], spec, work / "run", probe=True)

@@ -245,3 +245,22 @@ def test_the_peak_is_broken_down_by_what_holds_it() -> None:
         "other files (python, libc, extensions)": 600,
         "heap (brk: Python objects, small allocations)": 2000,
     }
+
+
+def test_a_jobs_device_config_is_one_the_agent_accepts(tmp_path: Path) -> None:
+    """The measured job's ``device.yaml`` carries its settings (a Zero 2 W's oneDNN off) and
+    loads as the agent's own config; its settings are the device role's for a Zero 2 W."""
+    import yaml
+
+    from bench.arm64.job import JobSpec, write_device_files
+    from device.settings import load_device_config
+
+    spec = JobSpec(model="mnist_cnn", density=0.2, onednn="disabled", torch_threads=1)
+    config = load_device_config(write_device_files(tmp_path, spec, 1883))
+    assert (config.torch_onednn, config.torch_threads) == ("disabled", 1)
+    defaults = yaml.safe_load(
+        (REPO / "ansible/roles/fleet_device/defaults/main.yml").read_text(encoding="utf-8")
+    )
+    assert defaults["fleet_device_malloc_mmap_threshold_kb"] == "auto"
+    assert JobSpec.malloc_mmap_threshold_kb == 128  # "auto" below 768 MB (test_device_platform)
+    assert JobSpec.onednn == defaults["fleet_device_torch_onednn"]
