@@ -46,6 +46,10 @@ PLAYBOOK = """
         tasks_from: memory.yml
         public: true
       when: check_tasks == 'memory.yml'
+    - name: Show the agent's memory settings
+      ansible.builtin.debug:
+        msg: "MMAP={{ fleet_device_mmap_threshold_kb }} ONEDNN_OFF={{ fleet_device_onednn_off }}"
+      when: check_tasks == 'memory.yml'
     - name: Show the resolved PyTorch source
       ansible.builtin.debug:
         msg: "TORCH={{ fleet_device_torch_requirement }} INDEX={{ fleet_device_torch_index_url }}"
@@ -53,11 +57,23 @@ PLAYBOOK = """
 """
 
 
-def need_mb(model: str, density: float) -> int:
+FIGURES = ("dense_mb", "kernels_mb", "dense_onednn_off_mb", "kernels_onednn_off_mb")
+
+
+def need_mb(model: str, density: float, *, onednn_off: bool = True, profile: bool = False) -> int:
     """What the role should ask for: the dense figure at density 1, the largest sparse figure
-    below 1 (a sparse round's peak hardly depends on its density), plus the OS reserve."""
+    below 1 (a sparse round's peak hardly depends on its density), plus the OS reserve; the
+    figures with oneDNN off (what the agent's ``torch_onednn: auto`` does below 768 MB, as every
+    device that could fall short here has) or on; masked dense, or with a profile the larger of
+    masked dense and sparse kernels (the agent then picks a kernel wherever it is faster)."""
     rows = [r for r in PEAKS[model] if (r["density"] < 1) == (density < 1)]
-    return int(max(r["peak_mb"] for r in rows)) + RESERVE_MB
+    suffix = "_onednn_off_mb" if onednn_off else "_mb"
+
+    def figure(row: Mapping[str, float]) -> float:
+        kernels = row.get("kernels" + suffix, 0) if profile else 0
+        return max(row["dense" + suffix], kernels)
+
+    return int(max(figure(r) for r in rows)) + RESERVE_MB
 
 
 # host -> (task file, host variables)
@@ -112,6 +128,54 @@ HOSTS: dict[str, tuple[str, dict[str, Any]]] = {
             "fleet_device_model": "femnist_cnn",
             "fleet_device_density": 1.0,
             "fleet_device_memtotal_mb": need_mb("femnist_cnn", 1.0),
+        },
+    ),
+    "small-onednn-forced": (
+        "memory.yml",
+        {
+            "fleet_device_model": "femnist_cnn",
+            "fleet_device_density": 0.1,
+            "fleet_device_torch_onednn": "enabled",
+            "fleet_device_memtotal_mb": need_mb("femnist_cnn", 0.1, onednn_off=False) - 1,
+        },
+    ),
+    "zero-femnist-profiled": (
+        "memory.yml",
+        {
+            "fleet_device_model": "femnist_cnn",
+            "fleet_device_density": 0.1,
+            "fleet_device_profile_on_start": True,
+            "fleet_device_memtotal_mb": need_mb("femnist_cnn", 0.1, profile=True) - 1,
+        },
+    ),
+    "zero-between-densities-fits": (
+        "memory.yml",
+        {
+            "fleet_device_model": "femnist_cnn",
+            "fleet_device_density": 0.5,
+            "fleet_device_memtotal_mb": need_mb("femnist_cnn", 0.5),
+        },
+    ),
+    "pi4-4gb": (
+        "memory.yml",
+        {"fleet_device_model": "femnist_cnn", "fleet_device_memtotal_mb": 3794},
+    ),
+    "zero-own-threshold": (
+        "memory.yml",
+        {
+            "fleet_device_model": "mlp",
+            "fleet_device_memtotal_mb": 427,
+            "fleet_device_malloc_mmap_threshold_kb": 0,
+            "fleet_device_torch_onednn": "enabled",
+        },
+    ),
+    "bad-memory-settings": (
+        "memory.yml",
+        {
+            "fleet_device_model": "mlp",
+            "fleet_device_memtotal_mb": 4096,
+            "fleet_device_torch_onednn": False,
+            "fleet_device_malloc_mmap_threshold_kb": "1MiB",
         },
     ),
     "pi-unknown-model": (
@@ -194,7 +258,39 @@ def test_a_device_below_its_models_need_is_refused(checked: Checked) -> None:
     text = task_output(checked.run.output, task)
     need = need_mb("femnist_cnn", 0.1)
     assert f"{need - 1} MB of RAM is less than the {need} MB that femnist_cnn" in text
+    assert "(masked dense, oneDNN off:" in checked.text("zero-femnist")  # auto, below 768 MB
     assert "fleet_device_memory_check: warn" in text
+
+
+def test_a_device_that_keeps_onednn_is_judged_by_the_figures_with_it(checked: Checked) -> None:
+    """``torch_onednn: enabled`` on a small device: the larger figure applies."""
+    assert need_mb("femnist_cnn", 0.1, onednn_off=False) > need_mb("femnist_cnn", 0.1)
+    assert checked.failed("small-onednn-forced")
+    assert "(masked dense, oneDNN on:" in checked.text("small-onednn-forced")
+
+
+def test_a_small_device_gets_the_low_memory_settings(checked: Checked) -> None:
+    """Below 768 MB: oneDNN off (the agent decides, the role's check agrees) and glibc's mmap
+    threshold at 128 KiB; above, 1 MiB and oneDNN on; what the inventory sets stays."""
+    assert "MMAP=128 ONEDNN_OFF=True" in checked.text("pi4-femnist")  # below 768 MB
+    assert "MMAP=1024 ONEDNN_OFF=False" in checked.text("pi4-4gb")
+    assert not checked.failed("pi4-4gb"), checked.text("pi4-4gb")
+    assert "MMAP=0 ONEDNN_OFF=False" in checked.text("zero-own-threshold")
+
+
+def test_bad_memory_settings_are_refused_with_what_to_write(checked: Checked) -> None:
+    assert checked.failed("bad-memory-settings")
+    text = checked.text("bad-memory-settings")
+    assert "fleet_device_torch_onednn must be auto, enabled or disabled (got false" in text
+    assert "fleet_device_malloc_mmap_threshold_kb auto or a number of KiB" in text
+    assert '(got "1MiB")' in text
+
+
+def test_the_roles_low_memory_threshold_is_the_agents() -> None:
+    from device.torch_setup import LOW_MEMORY_MB
+
+    assert DEFAULTS["fleet_device_low_memory_mb"] == LOW_MEMORY_MB
+    assert need_mb("femnist_cnn", 0.1, onednn_off=False) < LOW_MEMORY_MB  # the hosts above
 
 
 def test_warn_mode_reports_and_goes_on(checked: Checked) -> None:
@@ -209,13 +305,25 @@ def test_a_device_with_exactly_enough_memory_passes(checked: Checked) -> None:
 def test_an_untabulated_sparse_density_is_judged_by_the_largest_sparse_figure(
     checked: Checked,
 ) -> None:
-    """A sparse round's peak hardly depends on its density (and exceeds the dense round's for
-    femnist_cnn): 0.5 is judged by the largest sparse figure, never by the dense one."""
-    assert need_mb("femnist_cnn", 0.5) > need_mb("femnist_cnn", 1.0)
+    """A sparse round's peak hardly depends on its density: 0.5 is judged by the largest
+    sparse figure, never by the dense one (femnist_cnn's dense round needs more)."""
+    assert need_mb("femnist_cnn", 0.5) < need_mb("femnist_cnn", 1.0)
     assert checked.failed("zero-between-densities")
     assert f"the {need_mb('femnist_cnn', 0.5)} MB that femnist_cnn" in checked.text(
         "zero-between-densities"
     )
+    text = checked.text("zero-between-densities-fits")
+    assert not checked.failed("zero-between-densities-fits"), text
+
+
+def test_a_device_with_a_profile_is_judged_by_its_sparse_kernels_too(checked: Checked) -> None:
+    """With a profile the agent may compute with sparse kernels, whose peak is higher; the
+    same RAM suffices for masked dense (``pi4-femnist`` has less and passes)."""
+    need = need_mb("femnist_cnn", 0.1, profile=True)
+    assert need > need_mb("femnist_cnn", 0.1)
+    assert checked.failed("zero-femnist-profiled")
+    text = checked.text("zero-femnist-profiled")
+    assert f"the {need} MB that femnist_cnn at density 0.1 needs (sparse kernels where" in text
 
 
 def test_a_dense_round_is_judged_by_the_dense_figure(checked: Checked) -> None:
@@ -228,10 +336,13 @@ def test_a_model_without_figures_is_reported_not_refused(checked: Checked) -> No
 
 
 def test_hardware_doc_shows_the_roles_figures() -> None:
-    """docs/hardware.md's table of job peaks is the role's table (one source of figures)."""
+    """docs/hardware.md's table of what the role checks is the role's table (one source of
+    figures): per model and density, the four figures in bold, a dash where there is none."""
     doc = (Path(REPO) / "docs" / "hardware.md").read_text()
     for model, rows in PEAKS.items():
         for row in rows:
-            cells = rf"\|\s*{model}\s*\|\s*{row['density']:g}\s*\|"
-            pattern = cells + rf"[^\n]*\|\s*\*\*{int(row['peak_mb'])}\*\*"
-            assert re.search(pattern, doc), (model, row)
+            cells = [f"**{int(row[key])}**" if key in row else "-" for key in FIGURES]
+            pattern = rf"\|\s*{model}\s*\|\s*{row['density']:g}\s*\|\s*" + r"\s*\|\s*".join(
+                re.escape(c) for c in cells
+            )
+            assert re.search(pattern + r"\s*\|", doc), (model, row)

@@ -143,6 +143,7 @@ def test_device_yaml_carries_the_inventory_settings(converged: Converged) -> Non
     assert config.tags == ("lab", "arm64")
     assert config.topics_prefix == "fl/v1"
     assert config.log_level == "DEBUG"
+    assert config.torch_onednn == "auto"  # off below 768 MB, decided by the agent
     # Secrets stay out of the YAML (it may be logged and is group-readable).
     assert PASSWORD not in path.read_text()
 
@@ -157,7 +158,8 @@ def test_unit_runs_the_installed_agent_and_restarts_on_failure(converged: Conver
     assert "Restart=on-failure\n" in unit
     assert "WantedBy=multi-user.target" in unit
     assert f"User={account_vars()['fleet_device_user']}\n" in unit
-    # Freed tensors go back to the system (docs/hardware.md, "Settings that lower memory").
+    # Freed tensors go back to the system (docs/hardware.md, "Settings that lower memory"):
+    # 1 MiB on a machine with 768 MB or more, as this one.
     assert "Environment=MALLOC_MMAP_THRESHOLD_=1048576\n" in unit
 
 
