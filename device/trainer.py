@@ -546,9 +546,7 @@ def _readjust(
             grow_score = grow_scores_random(param.shape, generator)
         param.grad = None
         drop_score = drop_scores_magnitude_active(param, mask)
-        result = readjust_mask(
-            mask, drop_score, grow_score, n, scratch_scores=True, active_drop_scores=True
-        )
+        result = readjust_mask(mask, drop_score, grow_score, n, scratch_scores=True)
         del drop_score, grow_score
         changed = torch.cat([result.dropped_at, result.grown_at])
         zero_entries(changed, param, momenta.get(name))

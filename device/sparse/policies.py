@@ -19,15 +19,10 @@ from device.errors import ConfigError
 from device.sparse.masks import positions_of_ranks
 
 
-def drop_scores_magnitude(weight: torch.Tensor) -> torch.Tensor:
-    """Drop score: ``|w|``; the smallest active ones are dropped."""
-    return weight.detach().abs()
-
-
 def drop_scores_magnitude_active(weight: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Drop score of the active entries only: ``|w|`` at the ``mask``'s kept entries, in flat
-    (row-major) order (``[nnz]``): what :func:`readjust_mask` needs of a drop score, in
-    ``nnz`` floats instead of one per entry."""
+    """Drop score: ``|w|`` at the ``mask``'s kept entries, in flat (row-major) order
+    (``[nnz]``); the smallest are dropped. What :func:`readjust_mask` takes, in ``nnz`` floats
+    instead of one per entry."""
     return weight.detach()[mask].abs_()
 
 
@@ -85,7 +80,6 @@ def readjust_mask(
     n: int,
     *,
     scratch_scores: bool = False,
-    active_drop_scores: bool = False,
 ) -> Readjustment:
     """Drop the ``n`` lowest-``drop_score`` active entries and grow ``n`` inactive entries.
 
@@ -93,9 +87,9 @@ def readjust_mask(
     entry dropped now cannot grow back now. ``n`` is clipped to the number of active and of
     inactive entries, so the number of kept entries never changes. Ties go to the lower flat index.
 
-    ``active_drop_scores``: ``drop_score`` holds the active entries' scores only (``[nnz]``, in
-    flat order: :func:`drop_scores_magnitude_active`) instead of one per entry. The grow score
-    has the mask's shape (its values at active entries are never read).
+    ``drop_score`` holds the active entries' scores only (``[nnz]``, in flat order:
+    :func:`drop_scores_magnitude_active`); ``grow_score`` has the mask's shape (its values at
+    active entries are never read).
 
     ``scratch_scores``: the scores are the caller's to lose; float32 scores then serve as the
     selection's working memory (overwritten) instead of being copied, one float32 copy of the
@@ -104,13 +98,11 @@ def readjust_mask(
     if mask.dtype != torch.bool:
         raise ConfigError(f"readjust_mask needs a bool mask, got {mask.dtype}")
     active = int(torch.count_nonzero(mask))  # a bool sum would make an int64 copy first
-    drop_shape = (active,) if active_drop_scores else tuple(mask.shape)
-    if tuple(drop_score.shape) != drop_shape or grow_score.shape != mask.shape:
-        expected = f"({active},), one per active entry" if active_drop_scores else "the same shape"
+    if tuple(drop_score.shape) != (active,) or grow_score.shape != mask.shape:
         raise ConfigError(
             f"readjust_mask: mask {tuple(mask.shape)}, drop score {tuple(drop_score.shape)} "
             f"and grow score {tuple(grow_score.shape)}: the grow score must have the mask's "
-            f"shape and the drop score {expected}"
+            f"shape and the drop score ({active},), one per active entry"
         )
     if n < 0:
         raise ConfigError(f"readjust_mask: the number to drop and grow must be >= 0, got {n}")
@@ -123,14 +115,9 @@ def readjust_mask(
     # chosen by mask, not by +-inf sentinels alone, so an infinite score never lets an inactive
     # entry be "dropped" or an active one be "grown".
     nan = float("-inf")
-    if active_drop_scores:
-        everyone = torch.zeros(active, dtype=torch.bool)
-        ranks = _select(drop_score, everyone, n, largest=False, nan=nan, scratch=scratch_scores)
-        drop_pick = positions_of_ranks(flat_mask, ranks)
-    else:
-        drop_pick = _select(
-            drop_score, ~flat_mask, n, largest=False, nan=nan, scratch=scratch_scores
-        )
+    everyone = torch.zeros(active, dtype=torch.bool)  # every score is a candidate's
+    ranks = _select(drop_score, everyone, n, largest=False, nan=nan, scratch=scratch_scores)
+    drop_pick = positions_of_ranks(flat_mask, ranks)
     grow_pick = _select(grow_score, flat_mask, n, largest=True, nan=nan, scratch=scratch_scores)
     new_mask = mask.clone()
     new_mask.view(-1)[drop_pick] = False

@@ -12,7 +12,6 @@ from hypothesis import strategies as st
 
 from device.errors import ConfigError
 from device.sparse.policies import (
-    drop_scores_magnitude,
     drop_scores_magnitude_active,
     grow_scores_gradient,
     grow_scores_random,
@@ -49,7 +48,9 @@ def test_readjust_keeps_nnz_and_its_sets_are_disjoint_and_well_placed(
 ) -> None:
     """The density budget survives every readjustment: as many grow as drop, from the right sets."""
     mask, weight, grad, n = layer
-    result = readjust_mask(mask, drop_scores_magnitude(weight), grow_scores_gradient(grad), n)
+    result = readjust_mask(
+        mask, drop_scores_magnitude_active(weight, mask), grow_scores_gradient(grad), n
+    )
     active = int(mask.sum())
     expected_n = min(n, active, mask.numel() - active)
     assert int(result.new_mask.sum()) == active
@@ -68,7 +69,9 @@ def test_readjust_drops_the_smallest_magnitudes_and_grows_the_largest_gradients(
     """RigL's rule: no surviving active weight is smaller than a dropped one, and no inactive
     entry left behind has a larger gradient than a grown one."""
     mask, weight, grad, n = layer
-    result = readjust_mask(mask, drop_scores_magnitude(weight), grow_scores_gradient(grad), n)
+    result = readjust_mask(
+        mask, drop_scores_magnitude_active(weight, mask), grow_scores_gradient(grad), n
+    )
     survivors = mask & ~result.dropped
     if result.dropped.any() and survivors.any():
         assert weight.abs()[result.dropped].max() <= weight.abs()[survivors].min()
@@ -121,7 +124,7 @@ def test_readjust_picks_exactly_what_a_full_sort_picks(
     layer: tuple[torch.Tensor, torch.Tensor, torch.Tensor, int],
 ) -> None:
     mask, drop, grow, n = layer
-    result = readjust_mask(mask, drop, grow, n)
+    result = readjust_mask(mask, drop[mask], grow, n)
     dropped, grown = _reference_readjust(mask, drop, grow, n)
     assert torch.equal(result.dropped, dropped)
     assert torch.equal(result.grown, grown)
@@ -129,7 +132,7 @@ def test_readjust_picks_exactly_what_a_full_sort_picks(
 
 def test_readjust_leaves_the_callers_scores_unchanged() -> None:
     mask = torch.tensor([True, False, True, False])
-    drop = torch.tensor([float("nan"), 1.0, 2.0, 3.0])
+    drop = torch.tensor([float("nan"), 2.0])  # the active entries'
     grow = torch.tensor([1.0, float("nan"), 2.0, 3.0])
     before = (drop.clone(), grow.clone())
     readjust_mask(mask, drop, grow, 1)
@@ -143,7 +146,9 @@ def test_nothing_grows_where_it_was_just_dropped() -> None:
     mask = torch.tensor([True, True, False, False])
     weight = torch.tensor([0.1, 5.0, 0.0, 0.0])
     grad = torch.tensor([100.0, 0.0, 1.0, 2.0])
-    result = readjust_mask(mask, drop_scores_magnitude(weight), grow_scores_gradient(grad), 1)
+    result = readjust_mask(
+        mask, drop_scores_magnitude_active(weight, mask), grow_scores_gradient(grad), 1
+    )
     assert result.dropped.tolist() == [True, False, False, False]
     assert result.grown.tolist() == [False, False, False, True]
 
@@ -155,7 +160,7 @@ def test_nothing_grows_where_it_was_just_dropped() -> None:
 def test_n_is_clipped_by_the_active_and_inactive_counts(mask: list[bool], expected: int) -> None:
     """A full or empty layer has nothing to swap; the request must not break the count."""
     m = torch.tensor(mask)
-    result = readjust_mask(m, torch.ones(3), torch.ones(3), 5)
+    result = readjust_mask(m, torch.ones(int(m.sum())), torch.ones(3), 5)
     assert int(result.grown.sum()) == int(result.dropped.sum()) == expected
     assert int(result.new_mask.sum()) == int(m.sum())
 
@@ -164,7 +169,7 @@ def test_an_infinite_weight_never_lets_an_inactive_entry_be_dropped() -> None:
     """Selection is among the active indices, not by sentinel scores that an inf could tie."""
     mask = torch.tensor([False, True, True])
     weight = torch.tensor([0.0, float("inf"), float("inf")])
-    result = readjust_mask(mask, weight.abs(), torch.tensor([1.0, 0.0, 0.0]), 1)
+    result = readjust_mask(mask, weight.abs()[mask], torch.tensor([1.0, 0.0, 0.0]), 1)
     assert result.dropped.tolist() == [False, True, False]
     assert result.grown.tolist() == [True, False, False]
 
@@ -172,10 +177,10 @@ def test_an_infinite_weight_never_lets_an_inactive_entry_be_dropped() -> None:
 def test_readjust_rejects_mismatched_shapes_and_negative_n() -> None:
     """Scores for another layer, or a negative count, are caller bugs reported by name."""
     mask = torch.ones(2, 2, dtype=torch.bool)
-    with pytest.raises(ConfigError, match="same shape"):
-        readjust_mask(mask, torch.ones(4), torch.ones(2, 2), 1)
+    with pytest.raises(ConfigError, match="must have the mask's shape"):
+        readjust_mask(mask, torch.ones(4), torch.ones(4), 1)
     with pytest.raises(ConfigError, match=">= 0"):
-        readjust_mask(mask, torch.ones(2, 2), torch.ones(2, 2), -1)
+        readjust_mask(mask, torch.ones(4), torch.ones(2, 2), -1)
 
 
 def test_zero_entries_starts_grown_weights_and_momentum_at_zero() -> None:
@@ -260,7 +265,7 @@ def test_readjust_result_unpacks_as_new_mask_and_positions_and_gives_masks_too()
     """Callers may unpack the result positionally, in the documented order; ``dropped`` and
     ``grown`` read as bool masks of the weight's shape."""
     new_mask, dropped_at, grown_at = result = readjust_mask(
-        torch.tensor([[True, False], [True, False]]), torch.ones(2, 2), torch.ones(2, 2), 1
+        torch.tensor([[True, False], [True, False]]), torch.ones(2), torch.ones(2, 2), 1
     )
     assert new_mask.tolist() == [[False, True], [True, False]]
     assert (dropped_at.tolist(), grown_at.tolist()) == ([0], [1])
@@ -283,7 +288,7 @@ def test_readjust_of_a_layer_of_many_chunks_matches_a_full_sort(
         grow = torch.randint(-4, 5, (size,), generator=g).float()
         drop[torch.rand(size, generator=g) < 0.05] = float("nan")
         n = int(torch.randint(1, int(mask.sum()) + 1, (1,), generator=g))
-        result = readjust_mask(mask, drop, grow, n)
+        result = readjust_mask(mask, drop[mask], grow, n)
         dropped, grown = _reference_readjust(mask, drop, grow, n)
         assert torch.equal(result.dropped, dropped)
         assert torch.equal(result.grown, grown)
@@ -306,6 +311,7 @@ def test_scratch_scores_give_the_same_readjustment_and_only_they_are_overwritten
         grow = torch.randn(size, generator=g)
         drop[torch.rand(size, generator=g) < 0.05] = float("nan")
         n = int(torch.randint(1, int(mask.sum()) + 1, (1,), generator=g))
+        drop = drop[mask]  # the active entries'
         kept_drop, kept_grow = drop.clone(), grow.clone()
         copied = readjust_mask(mask, drop, grow, n)
         assert torch.equal(drop.nan_to_num(0.5), kept_drop.nan_to_num(0.5))
@@ -320,8 +326,8 @@ def test_scratch_scores_give_the_same_readjustment_and_only_they_are_overwritten
 def test_drop_scores_of_the_active_entries_only_give_the_same_readjustment(
     monkeypatch: pytest.MonkeyPatch, chunk: int
 ) -> None:
-    """``active_drop_scores``: ``[nnz]`` scores of the active entries in flat order select the
-    same entries as the whole tensor's, ties (to the lower flat index) and NaN (dropped first)
+    """``[nnz]`` magnitudes of the active entries in flat order select what a full sort of the
+    whole tensor's magnitudes selects, ties (to the lower flat index) and NaN (dropped first)
     included; a score of the wrong length is refused with both shapes named."""
     import device.sparse.policies as policies
 
@@ -336,12 +342,10 @@ def test_drop_scores_of_the_active_entries_only_give_the_same_readjustment(
         weight[torch.rand(size, generator=g) < 0.03] = float("nan")
         grow = torch.randn(size, generator=g)
         n = int(torch.randint(1, int(mask.sum()) + 1, (1,), generator=g))
-        whole = readjust_mask(mask, drop_scores_magnitude(weight), grow, n)
-        active = readjust_mask(
-            mask, drop_scores_magnitude_active(weight, mask), grow, n, active_drop_scores=True
-        )
-        for a, b in zip(whole, active, strict=True):
-            assert torch.equal(a, b)
+        result = readjust_mask(mask, drop_scores_magnitude_active(weight, mask), grow, n)
+        dropped, grown = _reference_readjust(mask, weight.abs(), grow, n)
+        assert torch.equal(result.dropped, dropped)
+        assert torch.equal(result.grown, grown)
     mask = torch.tensor([[True, False], [True, True]])
     with pytest.raises(ConfigError, match=r"drop score \(2,\).*\(3,\), one per active entry"):
-        readjust_mask(mask, torch.ones(2), torch.ones(2, 2), 1, active_drop_scores=True)
+        readjust_mask(mask, torch.ones(2), torch.ones(2, 2), 1)
