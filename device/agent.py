@@ -37,6 +37,7 @@ from device.job import (
 from device.local_data import DataCounts, DeviceData, data_for_job
 from device.model_feed import DEFAULT_LINGER_S, ModelFeed
 from device.model_id import ArchitectureCheck
+from device.torch_setup import physical_memory_bytes
 from device.wire import envelope
 from device.wire.codec import KnownMask
 from device.wire.messages import (
@@ -97,14 +98,10 @@ class _Job:
 
 def hardware() -> Hardware:
     """What this machine is, for the birth message."""
-    try:
-        memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (ValueError, OSError, AttributeError):
-        memory = 0
     return Hardware(
         machine=platform.machine(),
         cpu_count=os.cpu_count() or 0,
-        memory_bytes=memory,
+        memory_bytes=physical_memory_bytes(),
         python_version=platform.python_version(),
         torch_version=torch.__version__,
     )

@@ -25,7 +25,13 @@ import torch
 
 from device.settings import OneDnn
 
-__all__ = ["LOW_MEMORY_MB", "configure_torch", "onednn_enabled", "physical_memory_mb"]
+__all__ = [
+    "LOW_MEMORY_MB",
+    "configure_torch",
+    "onednn_enabled",
+    "physical_memory_bytes",
+    "physical_memory_mb",
+]
 
 log = logging.getLogger(__name__)
 
@@ -34,12 +40,18 @@ LOW_MEMORY_MB = 768
 off. A Zero 2 W reports about 430, a 1 GB Pi 3 about 900."""
 
 
-def physical_memory_mb() -> int:
-    """This machine's RAM in MiB (0 when the system does not say)."""
+def physical_memory_bytes() -> int:
+    """This machine's RAM in bytes (0 when the system does not say): what the device reports
+    in its birth (``device.agent.hardware``) and what ``auto`` decides by."""
     try:
-        return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 2**20)
-    except (ValueError, OSError):
+        return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+    except (ValueError, OSError, AttributeError):
         return 0
+
+
+def physical_memory_mb() -> int:
+    """:func:`physical_memory_bytes` in MiB."""
+    return physical_memory_bytes() // 2**20
 
 
 def onednn_enabled(setting: OneDnn, memory_mb: int) -> bool:

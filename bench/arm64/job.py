@@ -289,8 +289,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     import argparse
     import shutil
     import sys
+    from typing import get_args
 
     from bench.arm64.memory import mb
+    from device.settings import OneDnn
 
     parser = argparse.ArgumentParser(
         prog="python -m bench.arm64.job", description="one device job, its memory by phase"
@@ -307,7 +309,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         default=JobSpec.malloc_mmap_threshold_kb,
         help="glibc's MALLOC_MMAP_THRESHOLD_ in KiB (0: unset)",
     )
-    parser.add_argument("--onednn", choices=("auto", "enabled", "disabled"), default="auto")
+    parser.add_argument("--onednn", choices=get_args(OneDnn), default=JobSpec.onednn)
     parser.add_argument("launcher_args", nargs="*", help="more probed_agent.py options")
     args = parser.parse_args(argv)
     work = args.work
